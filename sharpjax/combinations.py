@@ -1,0 +1,86 @@
+"""Combination rules: what to do with the clean gradient ``g`` and the second ``g₂``.
+
+Each rule maps ``(g, g₂)`` to the gradient handed to the next transformation. None of them
+takes another gradient. Equations: ALGORITHMS.md of the project.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sharpjax.core import (
+    NORM_EPS,
+    CombinationRule,
+    ScalarOrSchedule,
+    check_scalar_or_schedule,
+    evaluate,
+    tree_norm,
+    tree_vdot,
+)
+
+# SANER's ratio g₂ / (g + SANER_EPS), as in the paper's code.
+SANER_EPS = 1e-8
+
+
+def saner_mask(g: jax.Array, g2: jax.Array) -> jax.Array:
+    """SANER's mask ``1[0 < g₂/(g + 1e-8) < 1]``: same sign as g and smaller in magnitude."""
+    ratio = g2.astype(jnp.float32) / (g.astype(jnp.float32) + SANER_EPS)
+    return (ratio > 0) & (ratio < 1)
+
+
+class SanerState(NamedTuple):
+    """Kept empty: SANER's diagnostics (``masked_fraction``, ``alpha``) ride in the core's."""
+
+
+def saner_combination(alpha: ScalarOrSchedule = 0.5) -> CombinationRule:
+    """SANER (arXiv 2411.17132): down-weight elements where noisy-label gradients dominate.
+
+    ``m = 1[0 < g₂ / (g + 1e-8) < 1]``; output ``g₂ ⊙ (α m + (1 − m))``, with ``0 < α ≤ 1`` the
+    multiplier on masked elements, a float or a schedule of the step count (α = 1 is SAM;
+    see :func:`sharpjax.saner_warmup`). Reports ``masked_fraction`` and ``alpha``.
+    """
+    check_scalar_or_schedule("alpha", alpha, 0.0, 1.0, open_low=True)
+
+    def combine(g, g2, state, count):
+        alpha_t = evaluate(alpha, count)
+        masks = jax.tree.map(saner_mask, g, g2)
+        out = jax.tree.map(
+            lambda x, m: (x.astype(jnp.float32) * jnp.where(m, alpha_t, 1.0)).astype(x.dtype),
+            g2,
+            masks,
+        )
+        masked = sum(jnp.sum(m) for m in jax.tree.leaves(masks))
+        total = sum(m.size for m in jax.tree.leaves(masks))
+        diag = {"masked_fraction": masked / max(total, 1), "alpha": alpha_t}
+        return out, state, diag
+
+    return CombinationRule(lambda params: SanerState(), combine, ("masked_fraction", "alpha"))
+
+
+def gsam_combination(alpha: float) -> CombinationRule:
+    """GSAM (Zhuang et al., ICLR 2022): surrogate-gap guided SAM.
+
+    ``g_⊥ = g − (g·ĝ₂) ĝ₂`` (the part of g orthogonal to g₂); output ``g₂ − α g_⊥``.
+    α = 0 is SAM. Reports ``orthogonal_norm``, ‖g_⊥‖ (the cosine of g with g₂ is the core's
+    ``cosine``).
+    """
+    check_scalar_or_schedule("alpha", alpha, 0.0)
+    if callable(alpha):
+        raise TypeError("alpha must be a float.")
+
+    def combine(g, g2, state, count):
+        del count
+        g2_norm = tree_norm(g2)
+        projection = tree_vdot(g, g2) / (g2_norm * g2_norm + NORM_EPS)
+        orthogonal = jax.tree.map(
+            lambda x, y: x.astype(jnp.float32) - projection * y.astype(jnp.float32), g, g2
+        )
+        out = jax.tree.map(
+            lambda y, o: (y.astype(jnp.float32) - alpha * o).astype(y.dtype), g2, orthogonal
+        )
+        return out, state, {"orthogonal_norm": tree_norm(orthogonal)}
+
+    return CombinationRule(lambda params: (), combine, ("orthogonal_norm",))

@@ -1,0 +1,85 @@
+"""Perturbation rules: where the second gradient is taken.
+
+Each rule maps the clean gradient ``g`` (and the params, and its own state) to ``ε``.
+Norms are global L2 norms over the whole pytree and every division is eps-safe, so a zero
+gradient gives a zero perturbation. Equations: ../ALGORITHMS.md of the project.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sharpjax.core import (
+    NORM_EPS,
+    PerturbationRule,
+    check_scalar_or_schedule,
+    tree_norm,
+    tree_scale,
+)
+
+
+def _normalized(direction: Any, rho: jax.Array) -> Any:
+    """``ρ · direction / ‖direction‖``, zero for a zero direction."""
+    return tree_scale(direction, rho / (tree_norm(direction) + NORM_EPS))
+
+
+def sam_perturbation() -> PerturbationRule:
+    """SAM (Foret et al., ICLR 2021): ``ε = ρ g / ‖g‖``."""
+
+    def perturb(g, params, state, rho):
+        del params
+        return _normalized(g, rho), state, {}
+
+    return PerturbationRule(lambda params: (), perturb)
+
+
+def adaptive_perturbation(eta: float = 0.01) -> PerturbationRule:
+    """ASAM (Kwon et al., ICML 2021): ``ε = ρ T² g / ‖T g‖`` with ``T = |w| + η``."""
+    check_scalar_or_schedule("eta", eta, 0.0)
+    if callable(eta):
+        raise TypeError("eta must be a float.")
+
+    def perturb(g, params, state, rho):
+        scale = jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)) + eta, params)
+        tg = jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale, g)
+        factor = rho / (tree_norm(tg) + NORM_EPS)
+        eps = jax.tree.map(lambda t, x, w: (factor * t * x).astype(w.dtype), scale, tg, params)
+        return eps, state, {}
+
+    return PerturbationRule(lambda params: (), perturb)
+
+
+class VassoState(NamedTuple):
+    """VaSSO's exponential moving average ``d`` of the clean gradient, and whether it is set."""
+
+    d: Any
+    started: jax.Array
+
+
+def vasso_perturbation(theta: float = 0.9) -> PerturbationRule:
+    """VaSSO (Li & Giannakis, NeurIPS 2023): variance-suppressed perturbation.
+
+    ``d_t = (1 − θ) d_{t−1} + θ g_t`` with ``d_0 = g_0``; ``ε = ρ d_t / ‖d_t‖``. θ = 1 is SAM.
+    Reports ``d_norm`` (‖d_t‖). ``d`` is kept in float32 whatever the params' dtype.
+    """
+    check_scalar_or_schedule("theta", theta, 0.0, 1.0, open_low=True)
+    if callable(theta):
+        raise TypeError("theta must be a float in (0, 1].")
+
+    def init(params):
+        d = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+        return VassoState(d=d, started=jnp.zeros([], jnp.bool_))
+
+    def perturb(g, params, state, rho):
+        def ema(d, x):
+            x = x.astype(jnp.float32)
+            return jnp.where(state.started, (1.0 - theta) * d + theta * x, x)
+
+        d = jax.tree.map(ema, state.d, g)
+        eps = jax.tree.map(lambda e, w: e.astype(w.dtype), _normalized(d, rho), params)
+        return eps, VassoState(d=d, started=jnp.ones([], jnp.bool_)), {"d_norm": tree_norm(d)}
+
+    return PerturbationRule(init, perturb, diagnostics=("d_norm",))
