@@ -13,6 +13,7 @@ from sharpjax.feedback import NoiseResistantState, noise_resistant
 from sharpjax.optimizers import (
     asam,
     gsam,
+    microbatch_value_and_grad,
     msam,
     noise_resistant_sam,
     sam,
@@ -35,6 +36,7 @@ __all__ = [
     "diagnostics",
     "gsam",
     "gsam_combination",
+    "microbatch_value_and_grad",
     "msam",
     "noise_resistant",
     "noise_resistant_sam",
