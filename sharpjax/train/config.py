@@ -1,0 +1,461 @@
+"""Training configuration: one plain dataclass, command-line overrides, the optimizer.
+
+A run is fully described by a :class:`TrainConfig`; ``config.json`` in the run's workdir holds
+it. Overrides from the command line::
+
+    config = config_from_args(["--optimizer=saner", "--rho", "0.1", "--epochs=200"])
+
+:func:`make_optimizer` turns a config into the optax chain the loop uses::
+
+    sharpness-aware transformation (sam, asam, vasso, saner, gsam, msam, noise-resistant)
+    -> add_decayed_weights(weight_decay)     # outside the perturbation (ALGORITHMS.md)
+    -> sgd(lr schedule, momentum)            # or adamw(lr schedule, weight_decay)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import optax
+
+import sharpjax
+
+# Names of the training methods. "sgd" and "adamw" are the plain base optimizers; every
+# other name puts a sharpness-aware transformation in front of the base optimizer.
+OPTIMIZERS = (
+    "sgd",
+    "adamw",
+    "sam",
+    "asam",
+    "vasso",
+    "saner",
+    "saner_vasso",
+    "saner_asam",
+    "gsam",
+    "msam",
+    "noise_resistant_sam",
+)
+BASE_OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+NOISE_KINDS = ("none", "symmetric", "asymmetric")
+
+# The papers' default radius of each method (the constructors' defaults, see optimizers.py).
+DEFAULT_RHO = {
+    "sam": 0.05,
+    "asam": 0.5,
+    "vasso": 0.1,
+    "saner": 0.1,
+    "saner_vasso": 0.1,
+    "saner_asam": 0.5,
+    "gsam": 0.05,
+    "msam": 0.05,
+    "noise_resistant_sam": 0.05,
+}
+# SANER's multiplier on masked elements (paper: 0.5); GSAM's α (paper: 0.01 to 0.3).
+DEFAULT_ALPHA = {"saner": 0.5, "saner_vasso": 0.5, "saner_asam": 0.5, "gsam": 0.1}
+
+# Fields that do not change the training trajectory: they may differ when a run is resumed.
+RUNTIME_FIELDS = (
+    "data_dir",
+    "workdir",
+    "progress",
+    "eval_every",
+    "checkpoint_every",
+    "max_checkpoints",
+    "stop_after_epochs",
+    "overwrite",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (validated on construction).
+
+    Data:
+      dataset: one of ``sharpjax.data.DATASETS``.
+      data_dir: TFDS data directory (prepared datasets only; see ``sharpjax.data``).
+      noise: training-label noise, ``"none"``, ``"symmetric"`` or ``"asymmetric"``.
+      noise_rate: fraction of corrupted training labels, in ``[0, 1)``.
+      augment: random crop (4-pixel padding) and horizontal flip; 32x32 images only.
+
+    Model:
+      model: one of ``sharpjax.models.MODELS``.
+      model_kwargs: extra keyword arguments of ``get_model`` (e.g. ``{"hidden_sizes": [64]}``).
+      mixed_precision: compute in bfloat16; params, optimizer state and loss stay float32.
+
+    Optimizer (see :func:`make_optimizer`):
+      optimizer: one of :data:`OPTIMIZERS`.
+      base_optimizer: ``"sgd"`` or ``"adamw"``, the optimizer after the sharpness-aware
+        transformation (``optimizer="adamw"`` implies ``"adamw"``).
+      rho: perturbation radius; None: the method's paper default (:data:`DEFAULT_RHO`).
+      alpha: SANER's multiplier on masked elements or GSAM's α; None: :data:`DEFAULT_ALPHA`.
+      theta: VaSSO's θ (also saner_vasso). eta: ASAM's η (also saner_asam).
+      mu: noise-resistant SAM's integral gain.
+      num_microbatches: m of mSAM; must divide ``batch_size``.
+      saner_warmup_epochs: SANER's α goes linearly from 1 to ``alpha`` over this many epochs
+        (paper: 50 of 200); 0 uses ``alpha`` from the start.
+      learning_rate: peak learning rate. momentum: SGD momentum.
+      weight_decay: L2 decay, applied by the base optimizer, outside the perturbation.
+      lr_schedule: ``"constant"``, ``"cosine"`` (to 0 at the end) or ``"step"`` (x0.1 at 50%
+        and 75% of the epochs); all after a linear warm-up of ``warmup_epochs``.
+      epochs: number of epochs. batch_size: examples per step.
+
+    Disturbances (the noise-resistant SAM settings):
+      grad_noise_std: std of Gaussian noise added to every gradient evaluation (DP-SGD-like
+        noisy gradient oracle: the clean gradient and the second gradient each get their own).
+      param_noise_std: std of Gaussian noise added to the params after each step.
+      param_bias: constant added to every param after each step (constant disturbance).
+
+    Run:
+      seed: seeds the init, batch order, augmentation, dropout and noise (and the label noise).
+      eval_every: evaluate every this many epochs (and after the last one).
+      checkpoint_every: save a checkpoint every this many epochs (0: never).
+      max_checkpoints: checkpoints kept in ``workdir/checkpoints``.
+      workdir: where config, metrics, results and checkpoints go; None: nothing written.
+      progress: show a tqdm progress bar.
+      max_steps_per_epoch: cap on the steps of an epoch (tests, quick runs).
+      stop_after_epochs: stop (checkpointed, resumable, no ``result.json``) once this many
+        epochs are done, as if the job had been interrupted; the schedule still spans
+        ``epochs``.
+      overwrite: allow replacing a finished run's results in ``workdir``.
+    """
+
+    # data
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    noise: str = "none"
+    noise_rate: float = 0.0
+    augment: bool = False
+    # model
+    model: str = "cnn1d"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    mixed_precision: bool = False
+    # optimizer
+    optimizer: str = "sgd"
+    base_optimizer: str = "sgd"
+    rho: float | None = None
+    alpha: float | None = None
+    theta: float = 0.9
+    eta: float = 0.01
+    mu: float = 0.01
+    num_microbatches: int = 4
+    saner_warmup_epochs: int = 0
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    # disturbances
+    grad_noise_std: float = 0.0
+    param_noise_std: float = 0.0
+    param_bias: float = 0.0
+    # run
+    seed: int = 0
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    max_checkpoints: int = 2
+    workdir: str | None = None
+    progress: bool = True
+    max_steps_per_epoch: int | None = None
+    stop_after_epochs: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ValueError listing the fields."""
+        _check_known(values)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _check_known(values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ValueError(
+            f"Unknown TrainConfig field(s) {unknown}. Known fields: {', '.join(field_names())}."
+        )
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def _positive(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}.")
+
+
+def _non_negative(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}.")
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        allowed = tuple(type(None) if a is None else a for a in allowed)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # an int is a fine float
+        if not ok:
+            names = " | ".join(getattr(a, "__name__", str(a)) for a in allowed)
+            raise TypeError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__}).")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises a ValueError/TypeError naming the offending field; called on construction.
+
+    Checks that need the data (``batch_size`` against the dataset size, ``augment`` against the
+    image size) are done by the loop once the dataset is loaded.
+    """
+    from sharpjax.data import DATASETS
+    from sharpjax.models import MODELS
+
+    _check_types(config)
+    _choice("dataset", config.dataset, DATASETS)
+    _choice("model", config.model, MODELS)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("base_optimizer", config.base_optimizer, BASE_OPTIMIZERS)
+    _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    _choice("noise", config.noise, NOISE_KINDS)
+    if config.optimizer == "sgd" and config.base_optimizer == "adamw":
+        raise ValueError(
+            "optimizer='sgd' with base_optimizer='adamw' is contradictory: use optimizer='adamw'."
+        )
+    if not 0.0 <= config.noise_rate < 1.0:
+        raise ValueError(f"noise_rate must lie in [0, 1), got {config.noise_rate}.")
+    if config.noise == "none" and config.noise_rate != 0.0:
+        raise ValueError(
+            f"noise_rate={config.noise_rate} needs noise='symmetric' or 'asymmetric' "
+            "(noise='none')."
+        )
+    _positive(config, "learning_rate", "epochs", "batch_size", "eval_every", "max_checkpoints")
+    _non_negative(
+        config,
+        "momentum",
+        "weight_decay",
+        "warmup_epochs",
+        "saner_warmup_epochs",
+        "grad_noise_std",
+        "param_noise_std",
+        "checkpoint_every",
+        "mu",
+        "eta",
+        "seed",
+    )
+    if config.rho is not None and not config.rho >= 0:
+        raise ValueError(f"rho must be >= 0, got {config.rho}.")
+    if config.alpha is not None:
+        if config.optimizer == "gsam" and not config.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 for gsam, got {config.alpha}.")
+        if config.optimizer.startswith("saner") and not 0 < config.alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1] for SANER, got {config.alpha}.")
+    if not 0 < config.theta <= 1:
+        raise ValueError(f"theta must lie in (0, 1], got {config.theta}.")
+    if config.warmup_epochs >= config.epochs and config.warmup_epochs > 0:
+        raise ValueError(
+            f"warmup_epochs={config.warmup_epochs} must be smaller than epochs={config.epochs}."
+        )
+    if config.optimizer == "msam" and (
+        config.num_microbatches < 1 or config.batch_size % config.num_microbatches
+    ):
+        raise ValueError(
+            f"num_microbatches={config.num_microbatches} must be >= 1 and divide "
+            f"batch_size={config.batch_size}."
+        )
+    for name in ("max_steps_per_epoch", "stop_after_epochs"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be None or >= 1, got {value}.")
+
+
+# --------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------
+
+
+def _convert(name: str, text: str, annotation: Any) -> Any:
+    """Parses ``text`` to the type of field ``name`` (``X | None`` accepts ``none``/``null``)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if text.lower() in ("none", "null"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return str(text)
+    except (ValueError, json.JSONDecodeError):
+        kind = "a JSON object" if annotation is dict else getattr(annotation, "__name__", "?")
+        raise ValueError(f"--{name}: cannot parse {text!r} as {kind}.") from None
+
+
+def config_from_args(argv: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
+    """Applies ``--key=value`` / ``--key value`` overrides to ``base`` (default TrainConfig()).
+
+    Values are converted to the field's type: ints, floats, booleans (``true/false/1/0/yes/no``;
+    a bare ``--flag`` means true), ``none``/``null`` for optional fields, JSON objects for dict
+    fields (``--model_kwargs='{"hidden_sizes": [64]}'``). Dashes in keys may be underscores.
+
+    Raises:
+      ValueError: an unknown key (the message lists the fields), a value that does not parse,
+        or a resulting config that does not validate.
+    """
+    base = TrainConfig() if base is None else base
+    hints = typing.get_type_hints(TrainConfig)
+    changes: dict[str, Any] = {}
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ValueError(f"Expected --key=value or --key value, got {token!r}.")
+        key, has_value, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        _check_known({key: None})
+        if not has_value:
+            next_is_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if next_is_value:
+                value = argv[i + 1]
+                i += 1
+            elif hints[key] is bool:
+                value = "true"
+            else:
+                raise ValueError(f"--{key} needs a value.")
+        changes[key] = _convert(key, value, hints[key])
+        i += 1
+    return dataclasses.replace(base, **changes)
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer.
+# --------------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the step: linear warm-up, then the schedule."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    peak = config.learning_rate
+    if config.lr_schedule == "constant":
+        main = optax.constant_schedule(peak)
+    elif config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+    else:  # step: x0.1 at 50% and 75% of training
+        scales: dict[int, float] = {}
+        for fraction in (0.5, 0.75):
+            boundary = max(int(fraction * total) - warmup, 0)
+            scales[boundary] = scales.get(boundary, 1.0) * 0.1
+        main = optax.piecewise_constant_schedule(peak, scales)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def make_optimizer(
+    config: TrainConfig, steps_per_epoch: int
+) -> optax.GradientTransformationExtraArgs:
+    """The optax chain of a config: sharpness-aware transformation, weight decay, base optimizer.
+
+    * The sharpness-aware transformation comes first, so the weight decay and the base
+      optimizer act on its output, outside the perturbation (ALGORITHMS.md).
+    * ``saner*``: α follows :func:`sharpjax.saner_warmup` when ``saner_warmup_epochs > 0``.
+      ``saner_vasso``/``saner_asam`` put SANER on VaSSO's / ASAM's perturbation.
+    * ``gsam``: ρ follows the learning-rate schedule, ``ρ_t = ρ · lr_t / lr_peak``, as in the
+      paper (with a constant schedule ρ is constant).
+    * ``noise_resistant_sam``: the integral feedback acts on the SAM gradient only, before
+      the weight decay.
+    * Base: ``sgd(schedule, momentum)`` after ``add_decayed_weights(weight_decay)``, or
+      ``adamw(schedule, weight_decay=weight_decay)`` (decoupled, lr-scaled decay).
+
+    The result is always an ``optax.GradientTransformationExtraArgs`` (a chain), so the loop
+    can pass ``grad_fn`` to any optimizer; the plain ones ignore it. For ``msam`` the
+    ``updates`` are the stacked per-micro-batch gradients (see :func:`sharpjax.msam`).
+    """
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}.")
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    name = config.optimizer
+    rho = DEFAULT_RHO.get(name, 0.0) if config.rho is None else config.rho
+    alpha: Any = DEFAULT_ALPHA.get(name, 0.0) if config.alpha is None else config.alpha
+    if name.startswith("saner") and config.saner_warmup_epochs > 0:
+        alpha = sharpjax.saner_warmup(alpha, config.saner_warmup_epochs * steps_per_epoch)
+
+    if name in ("sgd", "adamw"):
+        sharpness = None
+    elif name == "sam":
+        sharpness = sharpjax.sam(rho)
+    elif name == "asam":
+        sharpness = sharpjax.asam(rho, eta=config.eta)
+    elif name == "vasso":
+        sharpness = sharpjax.vasso(rho, theta=config.theta)
+    elif name == "saner":
+        sharpness = sharpjax.saner(rho, alpha)
+    elif name == "saner_vasso":
+        sharpness = sharpjax.saner(
+            rho, alpha, perturbation=sharpjax.vasso_perturbation(config.theta)
+        )
+    elif name == "saner_asam":
+        sharpness = sharpjax.saner(
+            rho, alpha, perturbation=sharpjax.adaptive_perturbation(config.eta)
+        )
+    elif name == "gsam":
+        peak = config.learning_rate
+        sharpness = sharpjax.gsam(lambda count: rho * schedule(count) / peak, alpha)
+    elif name == "msam":
+        sharpness = sharpjax.msam(rho, num_microbatches=config.num_microbatches)
+    elif name == "noise_resistant_sam":
+        sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu)
+    else:  # pragma: no cover - validate() rejects it first
+        raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}.")
+
+    if name == "adamw" or config.base_optimizer == "adamw":
+        base = [optax.adamw(schedule, weight_decay=config.weight_decay)]
+    else:
+        base = [
+            optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum or None),
+        ]
+    return optax.chain(*([sharpness] if sharpness is not None else []), *base)

@@ -1,0 +1,126 @@
+"""Checkpoints: bit-identical resume, incompatible workdirs, finished runs kept."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from sharpjax.data import Dataset, load_dataset
+from sharpjax.train import TrainConfig, train
+from sharpjax.train.metrics import TIMING_KEYS, read_jsonl
+
+
+class BNNet(nn.Module):
+    """A small BatchNorm model, so that batch_stats go through the checkpoint too."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(16)(x.reshape((x.shape[0], -1)))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(10)(x)
+
+
+@pytest.fixture(scope="module")
+def noisy_digits():
+    ds = load_dataset("digits", noise="symmetric", noise_rate=0.2, seed=0)
+    # a fifth of the data keeps the test fast
+    return Dataset(
+        ds.name, ds.x_train[:320], ds.y_train[:320], ds.y_train_clean[:320],
+        ds.x_test[:100], ds.y_test[:100], ds.num_classes, ds.noise, ds.noise_rate, ds.seed,
+    )  # fmt: skip
+
+
+def config(workdir, **changes) -> TrainConfig:
+    values = dict(
+        dataset="digits",
+        model="mlp",
+        noise="symmetric",
+        noise_rate=0.2,
+        # stateful optimizer (VaSSO's d, SANER's schedule, momentum) and every random draw
+        optimizer="saner_vasso",
+        saner_warmup_epochs=2,
+        lr_schedule="cosine",
+        grad_noise_std=1e-3,
+        param_noise_std=1e-4,
+        epochs=3,
+        batch_size=32,
+        max_steps_per_epoch=4,
+        checkpoint_every=1,
+        eval_every=2,
+        progress=False,
+        workdir=str(workdir),
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def without_timings(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_is_bit_identical(noisy_digits, tmp_path):
+    straight = train(config(tmp_path / "a"), noisy_digits, model=BNNet())
+
+    stopped = train(config(tmp_path / "b", stop_after_epochs=1), noisy_digits, model=BNNet())
+    assert not stopped.completed and len(stopped.history) == 1
+    assert stopped.history[0]["test_accuracy"] is None  # eval_every=2, as in the whole run
+    assert not (tmp_path / "b" / "result.json").exists()
+    resumed = train(config(tmp_path / "b"), noisy_digits, model=BNNet())
+    assert resumed.completed
+
+    assert_trees_equal(resumed.params, straight.params)
+    assert_trees_equal(resumed.batch_stats, straight.batch_stats)
+    assert_trees_equal(resumed.opt_state, straight.opt_state)
+    assert without_timings(resumed.history) == without_timings(straight.history)
+    assert without_timings(read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))) == without_timings(
+        straight.history
+    )
+    result_a = json.loads((tmp_path / "a" / "result.json").read_text())
+    result_b = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert without_timings([result_a["final"]]) == without_timings([result_b["final"]])
+    assert straight.final["memorization"] is not None
+
+
+def test_incompatible_and_finished_workdirs(noisy_digits, tmp_path):
+    workdir = tmp_path / "run"
+    small = dict(epochs=1, max_steps_per_epoch=1, optimizer="sam", grad_noise_std=0.0)
+    train(config(workdir, **small), noisy_digits)
+    files = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert {"config.json", "metrics.jsonl", "result.json", "labels.npz"} <= set(files)
+
+    with pytest.raises(ValueError, match=r"incompatible config:\n.*seed: saved 0, requested 1"):
+        train(config(workdir, **small, seed=1), noisy_digits)
+    with pytest.raises(ValueError, match="optimizer: saved 'sam', requested 'gsam'"):
+        train(config(workdir, **{**small, "optimizer": "gsam"}), noisy_digits)
+    with pytest.raises(FileExistsError, match="finished run"):
+        train(config(workdir, **small), noisy_digits)
+    # a runtime field (progress, checkpoint_every, ...) does not make it a different run
+    with pytest.raises(FileExistsError, match="finished run"):
+        train(config(workdir, **small, checkpoint_every=0, eval_every=5), noisy_digits)
+    assert files == {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+
+    again = train(config(workdir, **small, overwrite=True), noisy_digits)
+    assert again.completed and (workdir / "result.json").exists()
+    assert len(read_jsonl(str(workdir / "metrics.jsonl"))) == 1
+
+
+def test_foreign_run_files_are_refused(noisy_digits, tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"has checkpoints but no config\.json"):
+        train(config(tmp_path / "a"), noisy_digits)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "result.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"has result\.json but no config\.json"):
+        train(config(tmp_path / "b"), noisy_digits)
+    assert (tmp_path / "b" / "result.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["result.json"]

@@ -1,0 +1,190 @@
+"""TrainConfig validation, command-line overrides and make_optimizer."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import sharpjax
+from sharpjax.train import (
+    OPTIMIZERS,
+    TrainConfig,
+    config_from_args,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from tests.helpers import cross_entropy, tiny_mlp_params, toy_batches
+
+
+def test_config_from_args_converts_types():
+    config = config_from_args(
+        [
+            "--optimizer=saner",
+            "--rho",
+            "0.2",
+            "--epochs=7",
+            "--model_kwargs",
+            '{"hidden_sizes": [32, 16]}',
+            "--progress=false",
+            "--mixed-precision",  # bare flag, dash spelling
+            "--max_steps_per_epoch=none",
+            "--alpha=0.25",
+            "--workdir=/tmp/x",
+        ]
+    )
+    assert config.optimizer == "saner"
+    assert config.rho == 0.2 and isinstance(config.rho, float)
+    assert config.epochs == 7 and isinstance(config.epochs, int)
+    assert config.model_kwargs == {"hidden_sizes": [32, 16]}
+    assert config.progress is False and config.mixed_precision is True
+    assert config.max_steps_per_epoch is None
+    assert config.alpha == 0.25 and config.workdir == "/tmp/x"
+    # overrides apply on top of a base config
+    base = TrainConfig(dataset="digits", model="mlp")
+    assert config_from_args(["--seed=3"], base).dataset == "digits"
+    assert config_from_args(["--seed=3"], base).seed == 3
+
+
+def test_config_from_args_errors():
+    with pytest.raises(ValueError, match=r"Unknown TrainConfig field.*learning_rate"):
+        config_from_args(["--lr=0.1"])
+    with pytest.raises(ValueError, match="cannot parse 'abc' as int"):
+        config_from_args(["--epochs=abc"])
+    with pytest.raises(ValueError, match="JSON object"):
+        config_from_args(["--model_kwargs=[1]"])
+    with pytest.raises(ValueError, match="needs a value"):
+        config_from_args(["--epochs"])
+    with pytest.raises(ValueError, match="--key=value"):
+        config_from_args(["epochs=3"])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"dataset": "imagenet"}, r"dataset='imagenet' is not one of 'digits', 'mnist1d'"),
+        ({"model": "vit"}, r"model='vit' is not one of 'mlp'"),
+        ({"optimizer": "lion"}, r"optimizer='lion' is not one of 'sgd', 'adamw', 'sam'"),
+        ({"lr_schedule": "poly"}, "lr_schedule"),
+        ({"noise": "symmetric", "noise_rate": 1.0}, r"noise_rate must lie in \[0, 1\)"),
+        ({"noise": "symmetric", "noise_rate": -0.1}, "noise_rate"),
+        ({"noise_rate": 0.2}, "needs noise='symmetric'"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"epochs": 0}, "epochs must be positive"),
+        ({"batch_size": -1}, "batch_size must be positive"),
+        ({"optimizer": "msam", "batch_size": 10, "num_microbatches": 3}, "num_microbatches"),
+        ({"optimizer": "saner", "alpha": 1.5}, "alpha"),
+        ({"theta": 0.0}, "theta"),
+        ({"grad_noise_std": -1.0}, "grad_noise_std"),
+        ({"optimizer": "sgd", "base_optimizer": "adamw"}, "contradictory"),
+    ],
+)
+def test_validation_names_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_validation_types():
+    with pytest.raises(TypeError, match="epochs must be int"):
+        TrainConfig(epochs=2.5)
+    with pytest.raises(ValueError, match="Unknown TrainConfig field"):
+        TrainConfig.from_dict({"epochs": 2, "colour": "red"})
+    config = TrainConfig(dataset="digits", model="mlp", learning_rate=1)  # int is a fine float
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_batch_size_larger_than_dataset():
+    from sharpjax.train import train
+
+    config = TrainConfig(dataset="digits", model="mlp", batch_size=5000, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size=5000 exceeds the 1347 training examples"):
+        train(config)
+
+
+def test_learning_rate_schedules():
+    def values(**kw):
+        config = TrainConfig(dataset="digits", model="mlp", epochs=4, learning_rate=0.1, **kw)
+        schedule = learning_rate_schedule(config, steps_per_epoch=10)
+        return np.array([float(schedule(t)) for t in range(40)])
+
+    np.testing.assert_allclose(values(lr_schedule="constant"), 0.1)
+    cosine = values(lr_schedule="cosine")
+    assert cosine[0] == pytest.approx(0.1) and cosine[-1] < 1e-3 and np.all(np.diff(cosine) <= 0)
+    step = values(lr_schedule="step")
+    np.testing.assert_allclose(step[[0, 19, 20, 29, 30, 39]], [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    warm = values(lr_schedule="constant", warmup_epochs=1)
+    np.testing.assert_allclose(warm[[0, 5, 10, 39]], [0.0, 0.05, 0.1, 0.1], atol=1e-7)
+
+
+def test_make_optimizer_weight_decay_outside_the_perturbation():
+    """One SAM step by hand: ε = ρ g/‖g‖ from the loss gradient only, then sgd on g₂ + wd·w."""
+    lr, rho, wd = 0.1, 0.3, 0.01
+    config = TrainConfig(
+        dataset="digits",
+        model="mlp",
+        optimizer="sam",
+        rho=rho,
+        learning_rate=lr,
+        weight_decay=wd,
+        momentum=0.9,
+        lr_schedule="constant",
+    )
+    tx = make_optimizer(config, steps_per_epoch=5)
+    params = tiny_mlp_params(jax.random.key(0))
+    (x, y) = toy_batches(jax.random.key(1), 1)[0]
+    grad = jax.jit(jax.grad(cross_entropy))
+    g = grad(params, x, y)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q: grad(q, x, y)))
+    updates, _ = update(g, tx.init(params), params)
+
+    g_norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, v: w + rho * v / g_norm, params, g)
+    g2 = grad(perturbed, x, y)
+    expected = jax.tree.map(lambda v, w: -lr * (np.asarray(v) + wd * np.asarray(w)), g2, params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_make_optimizer_every_name(name):
+    config = TrainConfig(dataset="digits", model="mlp", optimizer=name, batch_size=16)
+    tx = make_optimizer(config, steps_per_epoch=3)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    params = tiny_mlp_params(jax.random.key(0))
+    state = tx.init(params)
+    if name in ("sgd", "adamw"):
+        assert sharpjax.diagnostics(state) == {}
+    else:
+        assert "cosine" in sharpjax.diagnostics(state)
+
+
+def test_make_optimizer_saner_warmup_and_gsam_rho_schedule():
+    params = tiny_mlp_params(jax.random.key(0))
+    (x, y) = toy_batches(jax.random.key(1), 1)[0]
+    grad_fn = lambda p: jax.grad(cross_entropy)(p, x, y)
+    g = jax.jit(grad_fn)(params)
+
+    config = TrainConfig(
+        dataset="digits", model="mlp", optimizer="saner", alpha=0.5, saner_warmup_epochs=2
+    )
+    tx = make_optimizer(config, steps_per_epoch=4)
+    update = jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn)[1])
+    state = tx.init(params)
+    alphas = []
+    for _ in range(9):
+        state = update(state)
+        alphas.append(float(sharpjax.diagnostics(state)["alpha"]))
+    np.testing.assert_allclose(alphas, [1.0 - 0.5 * t / 8 for t in range(9)], rtol=1e-6)
+
+    config = TrainConfig(
+        dataset="digits", model="mlp", optimizer="gsam", rho=0.2, learning_rate=0.1, epochs=2
+    )
+    tx = make_optimizer(config, steps_per_epoch=4)
+    schedule = learning_rate_schedule(config, 4)
+    update = jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn)[1])
+    state = tx.init(params)
+    for t in range(3):
+        state = update(state)
+        rho_t = float(sharpjax.diagnostics(state)["rho"])
+        assert rho_t == pytest.approx(0.2 * float(schedule(t)) / 0.1, rel=1e-6)

@@ -1,0 +1,209 @@
+"""The training loop: accuracy, every optimizer, metrics, mixed precision, BatchNorm, noise."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sharpjax.data import Dataset, iterate_batches, load_dataset
+from sharpjax.train import OPTIMIZERS, TrainConfig, init_model, train
+from sharpjax.train.metrics import EPOCH_KEYS, memorization
+
+TINY_MLP = {"hidden_sizes": [16]}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def small_config(**changes) -> TrainConfig:
+    values = dict(
+        dataset="digits",
+        model="mlp",
+        model_kwargs=TINY_MLP,
+        epochs=1,
+        batch_size=32,
+        learning_rate=0.05,
+        progress=False,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_sam_on_digits_learns(digits, tmp_path):
+    config = small_config(
+        optimizer="sam",
+        model_kwargs={"hidden_sizes": [64]},
+        epochs=4,
+        batch_size=64,
+        workdir=str(tmp_path / "run"),
+    )
+    result = train(config, digits)
+    assert result.completed
+    assert result.final["test_accuracy"] > 0.85  # chance is 0.10
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved == json.loads(json.dumps(config.to_dict())) and saved["seed"] == 0
+    final = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert final["final"] == result.final and final["epochs"] == 4
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_runs(digits, name):
+    # noise-resistant SAM in its paper's setting: noisy gradients, noisy and biased params
+    disturbances = (
+        dict(grad_noise_std=0.1, param_noise_std=1e-3, param_bias=1e-4)
+        if name == "noise_resistant_sam"
+        else {}
+    )
+    config = small_config(optimizer=name, max_steps_per_epoch=2, **disturbances)
+    result = train(config, digits)
+    record = result.final
+    assert record["step"] == 2
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+    if name not in ("sgd", "adamw"):
+        assert np.isfinite(record["cosine"]) and record["grad_norm"] > 0
+
+
+def test_metrics_file_and_saner_diagnostics(digits, tmp_path):
+    workdir = tmp_path / "saner"
+    config = small_config(
+        optimizer="saner", epochs=2, eval_every=2, max_steps_per_epoch=3, workdir=str(workdir)
+    )
+    result = train(config, digits)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert records == result.history
+    for record in records:
+        assert set(EPOCH_KEYS) <= set(record)
+        assert 0.0 <= record["masked_fraction"] <= 1.0 and record["alpha"] == 0.5
+        assert record["memorization"] is None  # no label noise
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["step"] == 6
+    assert records[0]["test_accuracy"] is None  # eval_every=2
+    assert records[1]["test_accuracy"] is not None
+    labels = np.load(workdir / "labels.npz")
+    np.testing.assert_array_equal(labels["y_train"], digits.y_train)
+
+
+def test_memorization_by_hand():
+    predictions = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    noisy = np.array([0, 1, 9, 3, 9, 5, 6, 1])
+    clean = np.array([0, 2, 9, 4, 4, 5, 7, 7])
+    # corrupted: indices 1, 3, 4, 6, 7; predicted as their noisy label: 1, 3, 6 -> 3 of 5
+    assert memorization(predictions, noisy, clean) == pytest.approx(3 / 5)
+    assert memorization(predictions, clean, clean) is None
+
+
+def test_memorization_in_the_loop_on_a_crafted_dataset(digits):
+    """A tiny noisy dataset: the loop's memorisation equals a count from the final model."""
+    rng = np.random.default_rng(0)
+    x, y_clean = digits.x_train[:64], digits.y_train[:64]
+    y = y_clean.copy()
+    flipped = rng.choice(64, size=16, replace=False)
+    y[flipped] = (y[flipped] + 1 + rng.integers(0, 9, size=16)) % 10
+    data = Dataset("digits", x, y, y_clean, digits.x_test[:50], digits.y_test[:50], 10)
+    config = small_config(
+        optimizer="sgd",
+        noise="symmetric",
+        noise_rate=0.25,
+        epochs=3,
+        batch_size=16,
+        learning_rate=0.2,
+        model_kwargs={"hidden_sizes": [64]},
+    )
+    result = train(config, data)
+    logits = result.model.apply({"params": result.params}, x)
+    predictions = np.asarray(jnp.argmax(logits, -1))
+    hits = corrupted = clean_hits = 0
+    for i in range(64):
+        clean_hits += int(predictions[i] == y_clean[i])
+        if y[i] != y_clean[i]:
+            corrupted += 1
+            hits += int(predictions[i] == y[i])
+    assert corrupted == 16
+    assert result.final["memorization"] == pytest.approx(hits / corrupted)
+    assert result.final["train_accuracy_clean"] == pytest.approx(clean_hits / 64)
+    test_pred = np.asarray(
+        jnp.argmax(result.model.apply({"params": result.params}, data.x_test), -1)
+    )
+    assert result.final["test_accuracy"] == pytest.approx(np.mean(test_pred == data.y_test))
+
+
+def test_mixed_precision(digits):
+    result = train(small_config(optimizer="sam", mixed_precision=True, epochs=2), digits)
+    assert result.model.dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(result.params))
+    floats = [x for x in jax.tree.leaves(result.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert all(x.dtype == jnp.float32 for x in floats)
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert result.final["test_accuracy"] > 0.5
+
+
+class BNNet(nn.Module):
+    """Dense → BatchNorm → ReLU → Dense → BatchNorm: two layers of statistics."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(nn.Dense(16)(x)))
+        x = nn.Dense(self.num_classes)(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+def test_batch_stats_come_from_the_clean_pass(digits):
+    """After one SAM step, batch_stats are the clean pass's update, computed here by hand."""
+    model = BNNet()
+    config = small_config(optimizer="sam", rho=1.0, max_steps_per_epoch=1)
+    result = train(config, digits, model=model)
+
+    params, stats = init_model(model, digits.x_train, config.seed)
+    xb, yb = next(iterate_batches(digits.x_train, digits.y_train, batch_size=32, seed=0, epoch=0))
+
+    def forward(p):
+        logits, mutated = model.apply(
+            {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+        )
+        loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], 1))
+        return loss, mutated["batch_stats"]
+
+    (_, clean), g = jax.value_and_grad(forward, has_aux=True)(params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        result.batch_stats,
+        clean,
+    )
+
+    # The perturbed pass would have given other statistics, so the test tells them apart.
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, v: w + config.rho * v / norm, params, g)
+    perturbed_stats = forward(perturbed)[1]
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(perturbed_stats), jax.tree.leaves(clean), strict=True)
+    )
+    assert diff > 1e-3
+
+
+def test_param_bias(digits):
+    """param_bias adds exactly the constant to every param after the step."""
+    base = train(small_config(optimizer="sgd", max_steps_per_epoch=1), digits)
+    biased = train(small_config(optimizer="sgd", max_steps_per_epoch=1, param_bias=0.01), digits)
+    for a, b in zip(jax.tree.leaves(biased.params), jax.tree.leaves(base.params), strict=True):
+        np.testing.assert_allclose(a - b, 0.01, rtol=1e-4)
+
+
+def test_workdir_is_created_with_absolute_paths(digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = small_config(max_steps_per_epoch=1, checkpoint_every=1, workdir="rel/run")
+    train(config, digits)
+    assert os.path.isdir(tmp_path / "rel" / "run" / "checkpoints" / "1")
