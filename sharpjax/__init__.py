@@ -1,6 +1,6 @@
 """sharpjax: sharpness-aware training and sharpness measures for JAX/Flax."""
 
-from sharpjax import sharpness
+from sharpjax import parallel, sharpness
 from sharpjax.combinations import gsam_combination, saner_combination, saner_mask
 from sharpjax.core import (
     CombinationRule,
@@ -40,6 +40,7 @@ __all__ = [
     "msam",
     "noise_resistant",
     "noise_resistant_sam",
+    "parallel",
     "sam",
     "sam_perturbation",
     "saner",

@@ -224,6 +224,8 @@ def _axis_groups(axis_name: str, mode: str, group_size: int | None) -> list[list
             f"group_size={group} does not divide the {size} devices of axis {axis_name!r}; "
             f"choose a divisor of {size}."
         )
+    if mode == "grouped" and group == size:  # one group of all devices: synced, by pmean
+        return None
     return [list(range(start, start + group)) for start in range(0, size, group)]
 
 
@@ -340,7 +342,9 @@ def sharpness_aware(
         out, combination_state, c_diag = combination.combine(
             g, g2, state.combination_state, state.count
         )
-        if axis_name is not None:
+        if groups is not None:
+            # Synced (groups None): g and g₂ are already all-device means, so `out` is the same
+            # on every device and a third gradient all-reduce would change nothing.
             out = jax.lax.pmean(out, axis_name)
         out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
 

@@ -1,0 +1,632 @@
+"""Data-parallel sharpness-aware training steps: ``jax.pmap``, ``jax.shard_map``, multi-host.
+
+One step, whatever runs it, on each device's shard of the batch::
+
+    (loss, aux), g = value_and_grad(loss_fn)(w, model_state, shard)   clean pass, local g
+    grad_fn        = p ↦ ∇ loss_fn(p, model_state, shard)             fixed model state
+    updates, opt   = tx.update(g, opt, w, grad_fn=grad_fn)            ε, 2nd pass, averaging
+    w              = w + updates
+    model_state    = device mean of the clean pass's new model state (BatchNorm statistics)
+
+``tx`` is an ``optax.chain`` whose sharpjax transformation was built with the same
+``axis_name`` (e.g. ``sharpjax.sam(0.05, axis_name="batch", perturbation_mode="synced")``): the
+transformation averages the final gradient over the axis and decides which gradient the
+perturbation uses (the device's own, the all-device mean, or a group mean; see
+:func:`sharpjax.sharpness_aware`). The steps here never average gradients themselves.
+
+* :func:`make_pmap_train_step`: ``jax.pmap`` over the local devices; the state is replicated
+  with a leading device axis (:func:`replicate`), the batch has shape ``(devices, B/devices, ...)``.
+* :func:`make_shard_map_train_step`: ``jax.jit`` of ``jax.shard_map`` over a
+  ``jax.sharding.Mesh``, the path JAX recommends, and the one that runs on several hosts
+  (``jax.distributed.initialize``). Params and model state are replicated; the optimizer state
+  is replicated too, except the leaves that differ between devices (VaSSO's ``d`` in per-device
+  mode), which get a leading device axis sharded over the mesh.
+* :func:`make_train_step`: the per-device step itself, to ``jax.jit`` on one device or to map
+  yourself.
+
+Under ``shard_map`` with its default checks (``check_vma=True``), the gradient with respect to
+a replicated (device-invariant) parameter comes back already summed over the devices. The step
+therefore casts the params to device-varying (:func:`to_varying`, ``jax.lax.pcast``) before
+each differentiation, so that the per-device and grouped perturbation modes see the device's
+local gradient. Write your own shard_map step the same way.
+
+Gradient accumulation (``num_micro_steps = k``): each device's shard is split into k
+micro-batches of equal size. Pass 1 accumulates the clean gradient over the k micro-batches
+(``lax.scan``), ε is computed once from the accumulated gradient, and pass 2 accumulates the
+gradient at ``w + ε`` over the same micro-batches (:func:`accumulated_grad_fn`). With a loss
+that is a mean over examples this is exactly SAM on the whole shard, at the activation memory of
+one micro-batch (the accumulators cost one gradient each). It is not mSAM: ε is shared by the
+micro-batches (for mSAM see :func:`sharpjax.msam` or the per-device mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+Params = Any
+ModelState = Any
+Batch = Any
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[Params, ModelState, Batch], tuple[jax.Array, tuple[ModelState, Metrics]]]
+"""``loss_fn(params, model_state, batch) -> (loss, (new_model_state, metrics))``.
+
+``loss`` is a scalar, the mean over the examples of ``batch`` (gradient accumulation and the
+device average rely on it); ``model_state`` is the mutable model state (flax's
+``batch_stats``; ``{}`` or ``None`` when there is none); ``metrics`` a dict of scalars.
+Use :func:`stateless` to wrap a plain ``loss(params, batch)``.
+"""
+
+
+class TrainState(NamedTuple):
+    """What a training step carries: params, mutable model state, optimizer state."""
+
+    params: Params
+    model_state: ModelState
+    opt_state: optax.OptState
+
+
+def stateless(loss: Callable[[Params, Batch], jax.Array]) -> LossFn:
+    """Wraps ``loss(params, batch) -> scalar`` into a :data:`LossFn` with no model state."""
+
+    def loss_fn(params, model_state, batch):
+        return loss(params, batch), (model_state, {})
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------
+# Varying / invariant values under shard_map.
+# --------------------------------------------------------------------------------------
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """Mesh axes along which ``x`` may differ between devices (shard_map's type, else empty)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older jax
+
+
+def to_varying(tree: Any, axis_name: str | None) -> Any:
+    """Marks every leaf as device-varying along ``axis_name`` (``jax.lax.pcast(to="varying")``).
+
+    Under ``jax.shard_map`` with ``check_vma=True``, ``jax.grad`` with respect to a replicated
+    (device-invariant) value returns the gradient summed over the devices; with respect to a
+    device-varying value, the device's local gradient. Leaves that already vary are left alone;
+    under ``jax.pmap`` and outside any map the cast is a no-op. ``axis_name=None``: identity.
+    """
+    if axis_name is None:
+        return tree
+
+    def cast(x):
+        if axis_name in _varying_axes(x):
+            return x
+        return jax.lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
+# --------------------------------------------------------------------------------------
+# Micro-steps (gradient accumulation).
+# --------------------------------------------------------------------------------------
+
+
+def _check_num_micro_steps(num_micro_steps: int) -> None:
+    if not isinstance(num_micro_steps, int) or num_micro_steps < 1:
+        raise ValueError(f"num_micro_steps must be an int >= 1, got {num_micro_steps!r}.")
+
+
+def split_micro_steps(batch: Batch, num_micro_steps: int) -> Batch:
+    """Reshapes every array of a (per-device) batch from ``(B, ...)`` to ``(k, B/k, ...)``."""
+    _check_num_micro_steps(num_micro_steps)
+
+    def split(x):
+        if x.shape[0] % num_micro_steps:
+            raise ValueError(
+                f"num_micro_steps={num_micro_steps} does not divide the per-device batch size "
+                f"{x.shape[0]}; the batch on each device must split into equal micro-batches."
+            )
+        return x.reshape((num_micro_steps, x.shape[0] // num_micro_steps, *x.shape[1:]))
+
+    return jax.tree.map(split, batch)
+
+
+def _zeros_f32(params: Params, axis_name: str | None) -> Any:
+    zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+    return to_varying(zeros, axis_name)
+
+
+def _accumulate(acc: Any, g: Any) -> Any:
+    return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+
+
+def _finish_mean(acc: Any, params: Params, num_micro_steps: int) -> Any:
+    return jax.tree.map(lambda a, w: (a / num_micro_steps).astype(w.dtype), acc, params)
+
+
+def accumulated_grad_fn(
+    loss_fn: LossFn,
+    model_state: ModelState,
+    batch: Batch,
+    num_micro_steps: int = 1,
+    *,
+    axis_name: str | None = None,
+) -> Callable[[Params], Any]:
+    """``grad_fn(params)``: the gradient of ``loss_fn`` on ``batch`` at fixed ``model_state``.
+
+    The model-state updates and metrics of ``loss_fn`` are dropped (the perturbed pass must not
+    move BatchNorm statistics). With ``num_micro_steps = k > 1`` the batch is split into k equal
+    micro-batches and the gradient is their mean, accumulated in float32 by ``lax.scan``: the
+    full-batch gradient at the activation memory of one micro-batch. With ``axis_name`` (under
+    ``shard_map``) the params are cast to device-varying first, so the gradient is the device's
+    own (see :func:`to_varying`).
+    """
+    _check_num_micro_steps(num_micro_steps)
+
+    def loss_only(params, micro_batch):
+        return loss_fn(params, model_state, micro_batch)[0]
+
+    def grad_fn(params):
+        params = to_varying(params, axis_name)
+        if num_micro_steps == 1:
+            return jax.grad(loss_only)(params, batch)
+
+        def body(acc, micro_batch):
+            return _accumulate(acc, jax.grad(loss_only)(params, micro_batch)), None
+
+        acc, _ = jax.lax.scan(
+            body, _zeros_f32(params, axis_name), split_micro_steps(batch, num_micro_steps)
+        )
+        return _finish_mean(acc, params, num_micro_steps)
+
+    return grad_fn
+
+
+def _mean_micro_steps(tree: Any) -> Any:
+    """Mean over the leading (micro-step) axis of floating leaves; the last value of others."""
+
+    def mean(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.mean(x.astype(jnp.float32), axis=0).astype(x.dtype)
+        return x[-1]
+
+    return jax.tree.map(mean, tree)
+
+
+def _clean_pass(
+    loss_fn: LossFn,
+    params: Params,
+    model_state: ModelState,
+    batch: Batch,
+    num_micro_steps: int,
+    axis_name: str | None,
+) -> tuple[Any, jax.Array, ModelState, Metrics]:
+    """Loss, clean gradient, new model state and metrics, averaged over the micro-steps."""
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    params = to_varying(params, axis_name)
+    if num_micro_steps == 1:
+        (loss, (new_model_state, metrics)), grads = value_and_grad(params, model_state, batch)
+        return grads, loss, new_model_state, metrics
+
+    def body(acc, micro_batch):
+        (loss, (new_model_state, metrics)), g = value_and_grad(params, model_state, micro_batch)
+        return _accumulate(acc, g), (loss, new_model_state, metrics)
+
+    acc, outputs = jax.lax.scan(
+        body, _zeros_f32(params, axis_name), split_micro_steps(batch, num_micro_steps)
+    )
+    loss, new_model_state, metrics = _mean_micro_steps(outputs)
+    return _finish_mean(acc, params, num_micro_steps), loss, new_model_state, metrics
+
+
+def _pmean_floating(tree: Any, axis_name: str) -> Any:
+    """pmean of the floating leaves over ``axis_name``; other leaves are left as they are."""
+
+    def mean(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jax.lax.pmean(x, axis_name)
+        return x
+
+    return jax.tree.map(mean, tree)
+
+
+# --------------------------------------------------------------------------------------
+# The per-device step.
+# --------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformationExtraArgs,
+    *,
+    axis_name: str | None = None,
+    num_micro_steps: int = 1,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The per-device sharpness-aware step ``step(state, batch) -> (state, metrics)``, unmapped.
+
+    ``jax.jit`` it on one device (``axis_name=None``), or map it yourself over ``axis_name``;
+    :func:`make_pmap_train_step` and :func:`make_shard_map_train_step` do both for you.
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state, batch) -> (loss, (new_model_state, metrics))``,
+        see :data:`LossFn`.
+      tx: an optax transformation whose sharpjax part takes ``grad_fn`` (e.g.
+        ``optax.chain(sharpjax.sam(0.05, axis_name=...), optax.sgd(0.1, momentum=0.9))``),
+        built with the same ``axis_name`` as the step.
+      axis_name: the data-parallel axis (None on one device).
+      num_micro_steps: micro-batches per device for gradient accumulation (module docstring).
+
+    Returns:
+      ``step(state, batch)``. The clean pass runs at ``state.params``; ``grad_fn`` evaluates at
+      the same, fixed ``state.model_state`` and drops its model-state updates; the new model
+      state is the clean pass's, averaged over the micro-steps and, with ``axis_name``, over the
+      devices (floating leaves; with flax ``BatchNorm(axis_name=...)`` the statistics are
+      already device averages and the extra mean changes nothing; non-floating leaves are kept
+      as the device computed them, so under shard_map they must not depend on the data).
+      ``metrics`` holds ``loss`` and the metrics of ``loss_fn``, averaged likewise.
+    """
+    _check_num_micro_steps(num_micro_steps)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        params, model_state, opt_state = state
+        grads, loss, new_model_state, metrics = _clean_pass(
+            loss_fn, params, model_state, batch, num_micro_steps, axis_name
+        )
+        grad_fn = accumulated_grad_fn(
+            loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name
+        )
+        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, **metrics}
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        if axis_name is not None:
+            new_model_state = _pmean_floating(new_model_state, axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
+        return TrainState(params, new_model_state, opt_state), metrics
+
+    return step
+
+
+# --------------------------------------------------------------------------------------
+# jax.pmap.
+# --------------------------------------------------------------------------------------
+
+
+def replicate(
+    tree: Any, axis_name: str = "batch", devices: Sequence[jax.Device] | None = None
+) -> Any:
+    """Copies every leaf onto each device, with a leading device axis, for ``jax.pmap``.
+
+    Pass the pmap's ``axis_name``: the arrays then carry the sharding that the pmapped step
+    returns, so the second step does not compile again.
+    """
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), (axis_name,)), P(axis_name))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a pmapped (replicated) pytree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard_for_pmap(batch: Batch, num_devices: int | None = None) -> Batch:
+    """Reshapes a batch from ``(B, ...)`` to ``(devices, B/devices, ...)`` (contiguous shards)."""
+    num_devices = num_devices or jax.local_device_count()
+
+    def shard(x):
+        if x.shape[0] % num_devices:
+            raise ValueError(
+                f"The batch size {x.shape[0]} does not split over {num_devices} devices."
+            )
+        return x.reshape((num_devices, x.shape[0] // num_devices, *x.shape[1:]))
+
+    return jax.tree.map(shard, batch)
+
+
+def make_pmap_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformationExtraArgs,
+    axis_name: str = "batch",
+    *,
+    num_micro_steps: int = 1,
+    donate: bool = False,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The data-parallel step under ``jax.pmap(axis_name=axis_name)``.
+
+    Example::
+
+        from sharpjax import parallel
+
+        tx = optax.chain(sharpjax.sam(0.05, axis_name="batch"), optax.sgd(0.1, momentum=0.9))
+        step = parallel.make_pmap_train_step(loss_fn, tx, "batch")
+        state = parallel.TrainState(params, batch_stats, tx.init(params))
+        state = parallel.replicate(state, "batch")
+        state, metrics = step(state, parallel.shard_for_pmap(batch))
+
+    ``tx`` must be built with ``axis_name``: pmap cannot check it (the shard_map step does),
+    and without it each device would step with its own gradient and the replicas diverge.
+
+    Args: as :func:`make_train_step`, plus ``donate`` (donate the input state's buffers; off
+    by default because with jax 0.10's pmap the compiled step then copies every donated buffer
+    in and out, which costs more than it saves; the shard_map step has no such copies) and
+    ``devices`` (default: the local devices).
+
+    Returns:
+      ``step(state, batch)``: ``state`` replicated (:func:`replicate`), ``batch`` with a leading
+      device axis (:func:`shard_for_pmap`); outputs are replicated the same way. Per-device
+      optimizer state (VaSSO's ``d`` in per-device mode) simply differs between the copies.
+    """
+    step = make_train_step(loss_fn, tx, axis_name=axis_name, num_micro_steps=num_micro_steps)
+    return jax.pmap(
+        step, axis_name=axis_name, donate_argnums=(0,) if donate else (), devices=devices
+    )
+
+
+# --------------------------------------------------------------------------------------
+# jax.shard_map over a mesh (one host or several).
+# --------------------------------------------------------------------------------------
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+class ShardMapTrainStep:
+    """A jitted ``shard_map`` sharpness-aware step over one axis of a mesh.
+
+    Build it with :func:`make_shard_map_train_step`. Layout of the global arrays:
+
+    * ``batch``: every leaf sharded along its leading axis over ``axis_name``
+      (:meth:`shard_batch` builds it from each process's part).
+    * ``params``, ``model_state``: replicated (``PartitionSpec()``).
+    * ``opt_state``: replicated, except the leaves that differ between devices (VaSSO's ``d``
+      in per-device mode), which carry a leading axis of one entry per device, sharded over
+      ``axis_name``. :meth:`opt_state_specs` tells which; :meth:`init` builds the state.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        tx: optax.GradientTransformationExtraArgs,
+        mesh: Mesh,
+        axis_name: str = "batch",
+        num_micro_steps: int = 1,
+        donate: bool = True,
+    ):
+        if axis_name not in mesh.axis_names:
+            raise ValueError(
+                f"axis_name={axis_name!r} is not an axis of the mesh, whose axes are "
+                f"{mesh.axis_names}."
+            )
+        _check_num_micro_steps(num_micro_steps)
+        self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
+        self.num_micro_steps, self.donate = num_micro_steps, donate
+        self._layouts: dict[Any, tuple[bool, ...]] = {}
+        self._compiled: dict[tuple[bool, ...], Callable] = {}
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.shape[self.axis_name]
+
+    # ---- layout of the optimizer state ----
+
+    def per_device_leaves(self, params: Params) -> tuple[bool, ...]:
+        """For each leaf of ``tx.init(params)``: whether it differs between devices."""
+        leaves, treedef = jax.tree.flatten(params)
+        key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if key not in self._layouts:
+            abstract = _abstract(params)
+            self._layouts[key] = _per_device_leaves(self.tx, self.mesh, self.axis_name, abstract)
+        return self._layouts[key]
+
+    def opt_state_specs(self, params: Params) -> Any:
+        """PartitionSpecs of the optimizer state: ``P(axis_name)`` for per-device leaves."""
+        shapes = jax.eval_shape(self.tx.init, _abstract(params))
+        return _specs(shapes, self.per_device_leaves(params), self.axis_name)
+
+    def state_specs(self, params: Params) -> TrainState:
+        """PartitionSpecs of the whole :class:`TrainState`."""
+        return TrainState(P(), P(), self.opt_state_specs(params))
+
+    # ---- building global arrays ----
+
+    def _global(self, x: Any, per_device: bool) -> jax.Array:
+        x = np.asarray(x)
+        if per_device:
+            spec = P(self.axis_name)
+            x = np.broadcast_to(x[None], (self.num_devices, *x.shape))
+        else:
+            spec = P()
+        return jax.make_array_from_callback(
+            x.shape, NamedSharding(self.mesh, spec), lambda index: x[index]
+        )
+
+    def init(self, params: Params, model_state: ModelState = None) -> TrainState:
+        """The global train state: ``tx.init(params)`` laid out as :meth:`opt_state_specs` says.
+
+        On several hosts every process must pass the same ``params`` and ``model_state``
+        (e.g. initialised from the same seed).
+        """
+        opt_state = self.tx.init(params)
+        flags = self.per_device_leaves(params)
+        leaves, treedef = jax.tree.flatten(opt_state)
+        opt_state = jax.tree.unflatten(
+            treedef, [self._global(x, f) for x, f in zip(leaves, flags, strict=True)]
+        )
+        return TrainState(
+            jax.tree.map(lambda x: self._global(x, False), params),
+            jax.tree.map(lambda x: self._global(x, False), model_state),
+            opt_state,
+        )
+
+    def shard_batch(self, local_batch: Batch) -> Batch:
+        """The global batch from this process's part (the whole batch on one host).
+
+        With ``n`` processes, process ``i`` passes rows ``[i B/n, (i + 1) B/n)`` of the global
+        batch of ``B`` examples; the rows land on the devices in mesh order.
+        """
+        sharding = NamedSharding(self.mesh, P(self.axis_name))
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+            local_batch,
+        )
+
+    # ---- the step ----
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        for x in jax.tree.leaves(batch):
+            if x.shape[0] % (self.num_devices * self.num_micro_steps):
+                raise ValueError(
+                    f"The global batch size {x.shape[0]} must be a multiple of devices × "
+                    f"num_micro_steps = {self.num_devices} × {self.num_micro_steps}."
+                )
+        per_device = self.per_device_leaves(state.params)
+        if per_device not in self._compiled:
+            self._compiled[per_device] = self._build(per_device)
+        return self._compiled[per_device](state, batch)
+
+    def _build(self, per_device: tuple[bool, ...]) -> Callable:
+        step = make_train_step(
+            self.loss_fn, self.tx, axis_name=self.axis_name, num_micro_steps=self.num_micro_steps
+        )
+
+        def body(state: TrainState, batch: Batch):
+            opt_state = _unstack(state.opt_state, per_device)
+            new_state, metrics = step(state._replace(opt_state=opt_state), batch)
+            return new_state._replace(opt_state=_stack(new_state.opt_state, per_device)), metrics
+
+        def run(state: TrainState, batch: Batch):
+            specs = TrainState(P(), P(), _specs(state.opt_state, per_device, self.axis_name))
+            mapped = jax.shard_map(
+                body, mesh=self.mesh, in_specs=(specs, P(self.axis_name)), out_specs=(specs, P())
+            )
+            return mapped(state, batch)
+
+        return jax.jit(run, donate_argnums=(0,) if self.donate else ())
+
+
+def _specs(tree: Any, per_device: tuple[bool, ...], axis_name: str) -> Any:
+    specs = [P(axis_name) if f else P() for f in per_device]
+    return jax.tree.unflatten(jax.tree.structure(tree), specs)
+
+
+def _unstack(tree: Any, per_device: tuple[bool, ...]) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [x[0] if f else x for x, f in zip(leaves, per_device, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _stack(tree: Any, per_device: tuple[bool, ...]) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [x[None] if f else x for x, f in zip(leaves, per_device, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _per_device_leaves(
+    tx: optax.GradientTransformationExtraArgs, mesh: Mesh, axis_name: str, abstract_params: Any
+) -> tuple[bool, ...]:
+    """Which optimizer-state leaves differ between devices, found by tracing ``tx.update``.
+
+    Traces the update under ``shard_map`` with device-varying gradients (as the step has them)
+    and reads shard_map's type of each new state leaf; a leaf fed back as device-varying may
+    make others vary, so it iterates to the fixed point. Also checks that the updates are the
+    same on every device, i.e. that ``tx`` averages over ``axis_name``.
+    """
+    state_shapes = jax.eval_shape(tx.init, abstract_params)
+    leaves, treedef = jax.tree.flatten(state_shapes)
+    n = mesh.shape[axis_name]
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis_name))
+    global_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_params
+    )
+    per_device = (False,) * len(leaves)
+    for _ in range(len(leaves) + 1):
+        found: dict[str, list[bool]] = {}
+
+        def probe(params, opt_state, per_device=per_device, found=found):
+            opt_state = _unstack(opt_state, per_device)
+            grads = to_varying(params, axis_name)
+            grad_fn = lambda p: to_varying(p, axis_name)
+            updates, new_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+            found["state"] = [axis_name in _varying_axes(x) for x in jax.tree.leaves(new_state)]
+            found["updates"] = [axis_name in _varying_axes(x) for x in jax.tree.leaves(updates)]
+            return jax.tree.map(lambda x: x[None], new_state)
+
+        global_state = jax.tree.unflatten(
+            treedef,
+            [
+                jax.ShapeDtypeStruct((n, *x.shape), x.dtype, sharding=sharded)
+                if f
+                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+                for x, f in zip(leaves, per_device, strict=True)
+            ],
+        )
+        jax.eval_shape(
+            jax.shard_map(
+                probe,
+                mesh=mesh,
+                in_specs=(P(), _specs(state_shapes, per_device, axis_name)),
+                out_specs=P(axis_name),
+            ),
+            global_params,
+            global_state,
+        )
+        if any(found["updates"]):
+            raise ValueError(
+                f"tx's updates differ between the devices of axis {axis_name!r}, so the "
+                "replicated params would diverge. Build the sharpjax transformation with the "
+                f"step's axis: e.g. sharpjax.sam(rho, axis_name={axis_name!r})."
+            )
+        new = tuple(a or b for a, b in zip(per_device, found["state"], strict=True))
+        if new == per_device:
+            return per_device
+        per_device = new
+    return per_device
+
+
+def make_shard_map_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformationExtraArgs,
+    mesh: Mesh,
+    axis_name: str = "batch",
+    *,
+    num_micro_steps: int = 1,
+    donate: bool = True,
+) -> ShardMapTrainStep:
+    """The data-parallel step as ``jax.jit(jax.shard_map(...))`` over ``mesh``'s ``axis_name``.
+
+    Works unchanged on one host and on several (after ``jax.distributed.initialize``, with a
+    mesh over ``jax.devices()``, the global devices). Example::
+
+        mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+        tx = optax.chain(sharpjax.sam(0.05, axis_name="batch"), optax.sgd(0.1, momentum=0.9))
+        step = sharpjax.parallel.make_shard_map_train_step(loss_fn, tx, mesh, "batch")
+        state = step.init(params, batch_stats)
+        for local_batch in data:                 # this process's part of the global batch
+            state, metrics = step(state, step.shard_batch(local_batch))
+
+    Args: as :func:`make_train_step`, plus the mesh and ``donate`` (donate the input state).
+
+    Returns:
+      A :class:`ShardMapTrainStep`: call it as ``step(state, batch) -> (state, metrics)``;
+      ``metrics`` (device means) are replicated. The parameters are identical on every device
+      after each step, because ``tx`` averages the final gradient; the call checks (at trace
+      time) that ``tx`` does, through shard_map's replication types.
+    """
+    return ShardMapTrainStep(loss_fn, tx, mesh, axis_name, num_micro_steps, donate)

@@ -1,0 +1,281 @@
+"""Data-parallel steps (pmap, shard_map), gradient accumulation, BatchNorm, multi-host.
+
+The pytest process has one CPU device, so the multi-device checks run in subprocesses:
+``tests/multidevice/checks_8dev.py`` (8 forced CPU devices, all checks in one run, results as
+JSON) and two ``tests/multidevice/multihost_worker.py`` processes joined by
+``jax.distributed`` (2 CPU devices each). Every check compares against an independent
+reference: single-device full-batch training with the plain transformation, ``sharpjax.msam``,
+or the update equations written out on the flat vector (tests/multidevice/common.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import sharpjax
+from sharpjax import parallel
+from sharpjax.parallel import TrainState
+from tests.multidevice.common import (
+    RHO,
+    full_batch_reference,
+    init_params,
+    make_batches,
+    mlp_loss,
+    per_device_equations,
+    sgd,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 2e-6  # float32: the parallel sums are reordered, nothing else differs
+DIFFERENT = 1e-3  # what "gives different parameters" means here
+SUBPROCESS_TIMEOUT_S = 240
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the scripts set it
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory) -> dict:
+    """Runs every 8-device check once; returns their JSON results."""
+    out = tmp_path_factory.mktemp("parallel") / "checks_8dev.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multidevice.checks_8dev", str(out)],
+        cwd=REPO,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# 8 devices.
+# --------------------------------------------------------------------------------------
+
+
+def test_synced_mode_equals_single_device_full_batch_sam(eight):
+    # 5 steps, momentum SGD; every device holds the same params after each step.
+    assert eight["pmap_synced_vs_full_batch"] < TOL
+    assert eight["pmap_replica_spread"] == 0.0
+
+
+def test_per_device_mode_equals_msam_with_one_microbatch_per_device(eight):
+    assert eight["pmap_per_device_vs_msam8"] < TOL
+    assert eight["pmap_per_device_vs_full_batch"] > DIFFERENT
+
+
+def test_grouped_mode_interpolates_between_per_device_and_synced(eight):
+    assert eight["grouped8_vs_synced"] < TOL
+    assert eight["grouped1_vs_per_device"] < TOL
+    assert eight["grouped2_vs_synced"] > DIFFERENT
+    assert eight["grouped2_vs_per_device"] > DIFFERENT
+    # groups of 2 consecutive devices = mSAM with 4 contiguous micro-batches
+    assert eight["grouped2_vs_msam4"] < TOL
+
+
+@pytest.mark.parametrize("name", ["vasso", "saner"])
+def test_vasso_and_saner_in_synced_and_per_device_modes(eight, name):
+    assert eight[f"{name}_pmap_synced_vs_full_batch"] < TOL
+    assert eight[f"{name}_pmap_per_device_vs_equations"] < TOL
+    assert eight[f"{name}_per_device_vs_synced"] > DIFFERENT
+
+
+def test_vasso_state_is_per_device(eight):
+    # pmap: each device's copy of d differs; shard_map: d alone gets a device axis.
+    assert eight["vasso_pmap_d_spread"] > DIFFERENT
+    assert eight["shard_map_vasso_d_spec"] == "P('batch',)"
+    assert eight["shard_map_vasso_d_shape"] == [8, 3]
+    assert eight["shard_map_vasso_count_spec"] == "P()"
+    assert eight["shard_map_momentum_spec"] == "P()"
+    assert eight["shard_map_vasso_per_device_vs_equations"] < TOL  # on an Explicit-axes mesh
+    assert "Explicit" in eight["explicit_mesh_axis_types"]
+
+
+def test_shard_map_equals_pmap(eight):
+    for mode in ("synced", "per_device", "grouped2"):
+        assert eight[f"shard_map_vs_pmap_{mode}"] < TOL, mode
+
+
+def test_shard_map_per_device_uses_the_local_gradient(eight):
+    # Without the cast to device-varying, shard_map would hand the core the psum'd gradient
+    # and per-device mode would collapse onto synced mode.
+    assert eight["shard_map_per_device_vs_msam8"] < TOL
+    assert eight["shard_map_per_device_vs_synced"] > DIFFERENT
+
+
+def test_gradient_accumulation_on_devices(eight):
+    # 8 devices x 2 micro-steps, per-device ε from each device's accumulated gradient.
+    assert eight["shard_map_per_device_micro2_vs_msam8"] < TOL
+
+
+def test_batchnorm_statistics_are_averaged_across_devices(eight):
+    # flax BatchNorm(axis_name): the 8-device synced step is full-batch SAM with BatchNorm.
+    for path in ("pmap", "shard_map"):
+        assert eight[f"bn_axis_{path}_params_vs_full_batch"] < TOL, path
+        assert eight[f"bn_axis_{path}_stats_vs_full_batch"] < TOL, path
+    # Per-device BatchNorm: the step averages each device's new statistics.
+    assert eight["bn_local_pmap_params_vs_reference"] < TOL
+    assert eight["bn_local_pmap_stats_vs_mean_of_shards"] < TOL
+    assert eight["bn_local_shard_map_stats_vs_mean_of_shards"] < TOL
+
+
+def test_group_size_must_divide_the_device_count(eight):
+    for path in ("pmap", "shard_map"):
+        message = eight[f"bad_group_size_{path}"]
+        assert "group_size=3 does not divide the 8 devices of axis 'batch'" in message, message
+
+
+# --------------------------------------------------------------------------------------
+# Multi-host: 2 processes x 2 CPU devices, jax.distributed over gloo.
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_device(tmp_path):
+    num_processes, port = 2, _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.multidevice.multihost_worker",
+                str(i),
+                str(num_processes),
+                str(port),
+                str(tmp_path / f"process{i}.npz"),
+            ],
+            cwd=REPO,
+            env=_subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0])
+    finally:
+        for proc in procs:  # a hang fails the test instead of blocking it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {i}:\n{logs[i][-4000:] if i < len(logs) else ''}"
+
+    results = [np.load(tmp_path / f"process{i}.npz") for i in range(num_processes)]
+    assert int(results[0]["device_count"]) == 4
+    batches = make_batches(4, 16)
+    params = init_params()
+    want = {
+        "sam_synced": full_batch_reference(sharpjax.sam(RHO), params, batches),
+        "vasso_per_device": per_device_equations(params, batches, 4, "vasso"),
+    }
+    for name, reference in want.items():
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+        np.testing.assert_allclose(results[0][name], reference, atol=TOL, rtol=0, err_msg=name)
+    loss0 = float(mlp_loss(params, batches[0]))
+    np.testing.assert_allclose(results[0]["sam_synced_loss"][0], loss0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# One device (this process).
+# --------------------------------------------------------------------------------------
+
+
+def test_accumulated_grad_fn_is_the_full_batch_gradient():
+    params, batch = init_params(), make_batches(1, 32)[0]
+    want = jax.grad(mlp_loss)(params, batch)
+    got = parallel.accumulated_grad_fn(parallel.stateless(mlp_loss), None, batch, 4)(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-7, rtol=1e-6)
+
+
+def test_gradient_accumulation_equals_full_batch_sam():
+    # ε once from the accumulated clean gradient, second pass accumulated at w + ε.
+    params, batches = init_params(), make_batches(5, 32)
+    tx = optax.chain(sharpjax.sam(RHO), sgd())
+    step = jax.jit(parallel.make_train_step(parallel.stateless(mlp_loss), tx, num_micro_steps=4))
+    state, got = TrainState(params, None, tx.init(params)), []
+    for batch in batches:
+        state, _ = step(state, batch)
+        got.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]))
+    np.testing.assert_allclose(
+        np.stack(got), full_batch_reference(sharpjax.sam(RHO), params, batches), atol=TOL, rtol=0
+    )
+
+
+def _one_device_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]), ("batch",))
+
+
+def test_unbound_axis_name_is_a_clear_error():
+    params, batch = init_params(), make_batches(1, 8)[0]
+    tx = optax.chain(sharpjax.sam(RHO, axis_name="data"), sgd())
+    loss_fn = parallel.stateless(mlp_loss)
+    step = parallel.make_pmap_train_step(loss_fn, tx, "batch", donate=False)
+    state = parallel.replicate(TrainState(params, None, tx.init(params)), "batch")
+    with pytest.raises(ValueError, match="axis_name='data' is not bound"):
+        step(state, parallel.shard_for_pmap(batch, 1))
+    sm_step = parallel.make_shard_map_train_step(loss_fn, tx, _one_device_mesh(), "batch")
+    with pytest.raises(ValueError, match="axis_name='data' is not bound"):
+        sm_step.init(params)
+
+
+def test_group_size_that_does_not_divide_is_a_clear_error():
+    params, batch = init_params(), make_batches(1, 8)[0]
+    tx = optax.chain(
+        sharpjax.sam(RHO, axis_name="batch", perturbation_mode="grouped", group_size=2), sgd()
+    )
+    step = parallel.make_pmap_train_step(parallel.stateless(mlp_loss), tx, "batch")
+    state = parallel.replicate(TrainState(params, None, tx.init(params)), "batch")
+    with pytest.raises(ValueError, match="group_size=2 does not divide the 1 devices"):
+        step(state, parallel.shard_for_pmap(batch, 1))
+
+
+def test_shard_map_step_rejects_a_transformation_without_the_axis():
+    # Without axis_name the final gradient is not averaged, so replicas would diverge.
+    tx = optax.chain(sharpjax.sam(RHO), sgd())
+    step = parallel.make_shard_map_train_step(
+        parallel.stateless(mlp_loss), tx, _one_device_mesh(), "batch"
+    )
+    with pytest.raises(ValueError, match=r"axis_name='batch'"):
+        step.init(init_params())
+
+
+def test_bad_micro_steps_and_mesh_axis():
+    loss_fn, mesh = parallel.stateless(mlp_loss), _one_device_mesh()
+    tx = optax.chain(sharpjax.sam(RHO, axis_name="batch"), sgd())
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        parallel.make_shard_map_train_step(loss_fn, tx, mesh, "data")
+    with pytest.raises(ValueError, match="num_micro_steps must be an int >= 1"):
+        parallel.make_train_step(loss_fn, tx, num_micro_steps=0)
+    with pytest.raises(ValueError, match="num_micro_steps=3 does not divide"):
+        parallel.split_micro_steps((jnp.zeros((8, 2)),), 3)
+    step = parallel.make_shard_map_train_step(loss_fn, tx, mesh, num_micro_steps=3)
+    with pytest.raises(ValueError, match="multiple of devices"):
+        step(step.init(init_params()), step.shard_batch(make_batches(1, 8)[0]))
