@@ -116,14 +116,20 @@ def gsam(
     )
 
 
-def split_microbatches(batch: Any, num_microbatches: int) -> Any:
-    """Reshapes every array of a batch from ``(B, ...)`` to ``(m, B/m, ...)`` for :func:`msam`."""
-    _check_num_microbatches(num_microbatches)
+def split_microbatches(
+    batch: Any, num_microbatches: int, *, argument: str = "num_microbatches"
+) -> Any:
+    """Reshapes every array of a batch from ``(B, ...)`` to ``(m, B/m, ...)`` for :func:`msam`.
+
+    ``argument`` names the count in error messages (``sharpjax.parallel`` calls it
+    ``num_micro_steps``).
+    """
+    _check_count(argument, num_microbatches)
 
     def split(x):
         if x.shape[0] % num_microbatches:
             raise ValueError(
-                f"num_microbatches={num_microbatches} does not divide the batch size "
+                f"{argument}={num_microbatches} does not divide the batch size "
                 f"{x.shape[0]}; choose a divisor of the batch size."
             )
         return x.reshape((num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]))
@@ -154,9 +160,9 @@ def microbatch_value_and_grad(
     return losses, grads, lambda p, j: jax.grad(loss_fn)(p, pick(j))
 
 
-def _check_num_microbatches(num_microbatches: int) -> None:
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}.")
+def _check_count(argument: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an int >= 1, got {value!r}.")
 
 
 def msam(
@@ -182,7 +188,7 @@ def msam(
     (the mean over micro-batches), so the base optimizer chained after it sees a normal gradient.
     """
     check_scalar_or_schedule("rho", rho, 0.0)
-    _check_num_microbatches(num_microbatches)
+    _check_count("num_microbatches", num_microbatches)
     rule = sam_perturbation()
 
     def init_fn(params):

@@ -51,6 +51,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sharpjax.optimizers import _check_count, split_microbatches
+
 Params = Any
 ModelState = Any
 Batch = Any
@@ -121,23 +123,12 @@ def to_varying(tree: Any, axis_name: str | None) -> Any:
 
 
 def _check_num_micro_steps(num_micro_steps: int) -> None:
-    if not isinstance(num_micro_steps, int) or num_micro_steps < 1:
-        raise ValueError(f"num_micro_steps must be an int >= 1, got {num_micro_steps!r}.")
+    _check_count("num_micro_steps", num_micro_steps)
 
 
 def split_micro_steps(batch: Batch, num_micro_steps: int) -> Batch:
     """Reshapes every array of a (per-device) batch from ``(B, ...)`` to ``(k, B/k, ...)``."""
-    _check_num_micro_steps(num_micro_steps)
-
-    def split(x):
-        if x.shape[0] % num_micro_steps:
-            raise ValueError(
-                f"num_micro_steps={num_micro_steps} does not divide the per-device batch size "
-                f"{x.shape[0]}; the batch on each device must split into equal micro-batches."
-            )
-        return x.reshape((num_micro_steps, x.shape[0] // num_micro_steps, *x.shape[1:]))
-
-    return jax.tree.map(split, batch)
+    return split_microbatches(batch, num_micro_steps, argument="num_micro_steps")
 
 
 def _zeros_f32(params: Params, axis_name: str | None) -> Any:
