@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
@@ -208,3 +209,17 @@ def test_hvp_method_estimates_exact(x64):  # noqa: F811
     exact = ms(case)
     estimate = ms(case, method="hvp", key=jax.random.key(0), num_samples=2000)
     np.testing.assert_allclose(estimate.value, exact.value, rtol=0.05)
+
+
+def test_zero_curvature_gives_zero_not_nan():
+    """All-zero bias-free weights: every block of the Hessian diagonal vanishes."""
+    params = {"Dense_0": {"kernel": jnp.zeros((4, 3))}, "Dense_1": {"kernel": jnp.zeros((3, 2))}}
+
+    def logits_fn(p, x):
+        return jax.nn.relu(x @ p["Dense_0"]["kernel"]) @ p["Dense_1"]["kernel"]
+
+    batch = (jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))
+    for granularity in ("layer", "node"):
+        result = sharpness.minimum_sharpness(logits_fn, params, batch, granularity=granularity)
+        assert float(result.value) == 0.0
+        assert all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(result.log_scales))
