@@ -1,0 +1,365 @@
+"""Shared helpers of the experiment scripts: config and command line, files, tables, plots.
+
+Every experiment is a script with a plain-Python config (a dict of JSON-able values), named
+presets, and command-line overrides of any config key, big_vision style::
+
+    python experiments/label_noise.py --preset default --seeds 0 1 2 --epochs 30 --out /tmp/x
+
+A key's type comes from its value in the chosen preset: lists take several values
+(``--seeds 0 1 2``), booleans take ``true/false``, dicts take JSON.
+
+Each experiment writes into its output folder (``results/<experiment>/`` by default):
+``config.json``, raw per-run JSON under ``runs/``, ``summary.json`` (the runs without their
+per-epoch histories), ``table.md`` and PNG plots (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------
+# Config and command line.
+# --------------------------------------------------------------------------------------
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _loose(text: str) -> Any:
+    """A value of unknown type (the preset has None): JSON if it parses, else the string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _scalar_type(value: Any) -> Callable[[str], Any]:
+    if isinstance(value, bool):
+        return _to_bool
+    if isinstance(value, int):
+        return int
+    if isinstance(value, float):
+        return float
+    if isinstance(value, str):
+        return str
+    return _loose
+
+
+def parse_config(
+    argv: Sequence[str] | None,
+    presets: dict[str, dict[str, Any]],
+    description: str,
+    default_preset: str = "default",
+) -> dict[str, Any]:
+    """The config of ``--preset NAME`` (default ``default_preset``) with overrides applied.
+
+    Every key of the preset is an option ``--key`` (dashes or underscores). Unknown keys are
+    an error that lists the known ones. The returned dict also holds ``preset``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default=default_preset, choices=sorted(presets))
+    known, _ = first.parse_known_args(argv)
+    base = dict(presets[known.preset])
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets: {', '.join(sorted(presets))}. Any config key can be overridden.",
+    )
+    parser.add_argument("--preset", default=default_preset, choices=sorted(presets))
+    for key, value in base.items():
+        flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        if isinstance(value, list):
+            element = _scalar_type(value[0]) if value else _loose
+            parser.add_argument(*flags, dest=key, nargs="*", type=element, default=value)
+        elif isinstance(value, dict):
+            parser.add_argument(*flags, dest=key, type=json.loads, default=value)
+        else:
+            parser.add_argument(*flags, dest=key, type=_scalar_type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    config = {key: args[key] for key in base}
+    config["preset"] = args["preset"]
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any, digits: int | None = 6) -> Any:
+    """Python scalars for JSON; floats rounded to ``digits`` significant digits; NaN → None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, digits) for v in value]
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    number = float(np.asarray(value))
+    if not math.isfinite(number):
+        return None
+    return float(f"{number:.{digits}g}") if digits else number
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def without_history(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs without their per-epoch ``history`` and ``run_config`` (for summaries)."""
+    return [{k: v for k, v in r.items() if k not in ("history", "run_config")} for r in runs]
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def load_cached_run(path: str, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored run at ``path`` if it was made with exactly ``run_config``, else None.
+
+    Lets an interrupted experiment be restarted without redoing finished runs.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        stored = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored if stored.get("run_config") == jsonable(run_config) else None
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so identical train steps compile once.
+
+    ``train()`` builds a fresh jitted step for every run; runs that differ only in their data
+    (e.g. the noise rate) lower to the same program and are then read from this cache.
+    """
+    import jax
+
+    root = os.environ.get("SHARPJAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "sharpjax"
+    )
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def hardware() -> dict[str, Any]:
+    """What the numbers were measured on: CPU model, core count, JAX device, versions."""
+    import jax
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit or None,
+    }
+
+
+def timing_line(
+    runs: Sequence[dict[str, Any]],
+    wall_seconds: float,
+    hardware: dict[str, Any],
+    preset: str,
+    seconds: Callable[[dict[str, Any]], float] = lambda r: r.get("wall_seconds") or 0.0,
+) -> str:
+    """The closing line of a ``table.md``: wall time, reused runs, the runs' own times, machine.
+
+    Runs reused from ``runs/`` (``reused`` set by the script) are counted apart, so a table
+    regenerated from stored runs still says how long the runs themselves took.
+    """
+    trained = sum(not r.get("reused") for r in runs)
+    total = sum(seconds(r) for r in runs)
+    return (
+        f"\nWall time of this invocation {wall_seconds / 60:.1f} min ({trained} of {len(runs)} "
+        f"runs trained now, the others reused from runs/); the runs themselves took "
+        f"{total / 60:.1f} min in all. Hardware: {hardware['nproc']} × {hardware['cpu']} "
+        f"({hardware['device']}); preset `{preset}`.\n"
+    )
+
+
+class Stopwatch:
+    """Wall time since construction: ``Stopwatch().seconds``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------------------
+# Statistics and tables.
+# --------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample std (ddof=1; 0 for one value) and count of the finite values."""
+    xs = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if xs.size == 0:
+        return math.nan, math.nan, 0
+    std = float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+    return float(xs.mean()), std, int(xs.size)
+
+
+def fmt_mean_std(values: Iterable[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    """``"84.3 ± 1.2"`` (values times ``scale``), or ``"—"`` when there are none."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "—"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def paired_differences(
+    runs_a: Iterable[dict[str, Any]], runs_b: Iterable[dict[str, Any]], key: str
+) -> list[float]:
+    """``a[key] − b[key]`` for every seed both lists have (same seed: same data, init, noise)."""
+    b_by_seed = {r["seed"]: r[key] for r in runs_b}
+    return [
+        r[key] - b_by_seed[r["seed"]]
+        for r in runs_a
+        if r["seed"] in b_by_seed and r[key] is not None and b_by_seed[r["seed"]] is not None
+    ]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (first column left-aligned, the rest right)."""
+    align = [":---"] + ["---:"] * (len(headers) - 1)
+    lines = [
+        "| " + " | ".join(map(str, headers)) + " |",
+        "| " + " | ".join(align) + " |",
+    ]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Plots.
+# --------------------------------------------------------------------------------------
+
+
+def save_figure(fig: plt.Figure, path: str) -> str:
+    """Saves ``fig`` as PNG at ``path`` (folders created) and closes it; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def subplot_grid(count: int, ncols: int = 3, size: float = 3.6) -> tuple[plt.Figure, np.ndarray]:
+    """A figure with ``count`` panels on a grid; unused panels are hidden."""
+    ncols = max(1, min(ncols, count))
+    nrows = max(1, math.ceil(count / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, 0.8 * size * nrows))
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def figure_legend(fig: plt.Figure, axes: Sequence[plt.Axes], fontsize: int = 8) -> None:
+    """One legend for the whole figure, below the panels, with every label of every panel."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(handles), 4),
+            fontsize=fontsize,
+            frameon=False,
+        )
+
+
+def plot_band(ax: plt.Axes, x: Sequence[float], curves: Sequence[Sequence[float]], **kw) -> None:
+    """Mean of ``curves`` (one per seed, same length) as a line, ± one std as a band."""
+    data = np.asarray([[np.nan if v is None else v for v in curve] for curve in curves], np.float64)
+    mean = np.nanmean(data, axis=0)
+    (line,) = ax.plot(x, mean, **kw)
+    if len(data) > 1:
+        std = np.nanstd(data, axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def is_png(path: str) -> bool:
+    """True for a non-empty file that starts with the PNG signature."""
+    if not os.path.exists(path) or os.path.getsize(path) <= len(PNG_SIGNATURE):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def relative(path: str, start: str) -> str:
+    """``path`` relative to ``start`` (for links in tables and messages)."""
+    return os.path.relpath(path, start)

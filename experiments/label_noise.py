@@ -1,0 +1,561 @@
+"""Label-noise robustness: SGD, SAM, VaSSO, SANER, SANER on VaSSO (+ GSAM, ASAM).
+
+Seed claims tested (see /work/shared/seeds): VaSSO "endows SAM with robustness against high
+levels of label noise" (Li & Giannakis, NeurIPS 2023); SANER "significantly mitigates
+noisy-label memorization and improves generalization over both SAM and SGD", also on top of
+SAM-like variants (arXiv 2411.17132).
+
+Every (optimizer, label noise, seed) is one ``sharpjax.train.train`` run. We record the best
+and the final test accuracy, the memorisation of the noisy labels (the fraction of corrupted
+training examples the model predicts as their *noisy* label) after every epoch, and SANER's
+masked fraction (the share of gradient elements it down-weights).
+
+Presets (``--preset NAME``; any config key can be overridden, e.g. ``--seeds 0 1 2``):
+
+* ``main``: the README's main job. mnist1d + the 1-D CNN, SGD/SAM/VaSSO/SANER at 40 %
+  symmetric noise, 3 seeds, 30 epochs: 12 runs, about 3 min on 2 busy CPU cores.
+* ``default``: the offline experiment behind the README results. mnist1d + 1-D CNN (4000
+  training sequences), SGD/SAM/VaSSO/SANER/SANER-on-VaSSO under symmetric noise
+  0/20/40/60 % and asymmetric (pair-flip) 40 %, plus GSAM and ASAM at 40 % symmetric, 3 seeds,
+  30 epochs (81 runs, about 15-20 min on this shared 2-core machine). 30 epochs of cosine
+  decay is where SGD has fully memorised 40 % noise (test accuracy peaks near epoch 8, then
+  falls as memorisation reaches 100 %), so the runs show the whole phenomenon.
+* ``digits``: the same on scikit-learn's 8x8 digits with a LeNet-style CNN.
+* ``cifar10`` / ``cifar100``: ResNet-18 with the SANER paper's hyper-parameters (SGD lr 0.1,
+  momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, ρ = 0.1, SANER α = 0.5 with a
+  50-epoch warm-up, crop + flip augmentation), for an accelerator; needs a prepared TFDS
+  directory (``--data_dir``, see ``sharpjax.data``). Checkpoints every 10 epochs under
+  ``~/sharpjax_checkpoints/`` (outside the repository), so an interrupted job resumes.
+* ``tiny``: seconds, for the tests.
+
+Hyper-parameters shared by all methods: one ρ for SAM, VaSSO, SANER, SANER-VaSSO and GSAM (the
+SANER paper's 0.1), ASAM its own ρ = 0.5 (its radius lives on the |w|-rescaled scale), VaSSO
+θ = 0.9, GSAM α = 0.1. SANER's α reaches 0.5 after a linear warm-up over the first quarter of
+training (the paper: 50 of 200 epochs).
+
+Outputs (``--out``, default ``results/label_noise[/<preset>]``): ``config.json``,
+``runs/*.json`` (one per run, full per-epoch history), ``summary.json`` (every run without its
+history), ``table.md``, ``test_accuracy.png``, ``memorization.png``, ``accuracy_vs_noise.png``,
+``masked_fraction.png``.
+
+    python experiments/label_noise.py --preset main
+    python experiments/label_noise.py --preset default
+    python experiments/label_noise.py --preset cifar10 --data_dir ~/tensorflow_datasets
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+import numpy as np
+
+EXPERIMENT = "label_noise"
+NAMES = {
+    "sgd": "SGD",
+    "sam": "SAM",
+    "vasso": "VaSSO",
+    "saner": "SANER",
+    "saner_vasso": "SANER on VaSSO",
+    "saner_asam": "SANER on ASAM",
+    "gsam": "GSAM",
+    "asam": "ASAM",
+    "msam": "mSAM",
+}
+# History keys kept in the per-run JSON (the library's metrics, see sharpjax.train.metrics).
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "train_accuracy_clean",
+    "memorization",
+    "test_loss",
+    "test_accuracy",
+    "masked_fraction",
+    "alpha",
+)
+
+DEFAULT: dict[str, Any] = {
+    "dataset": "mnist1d",
+    "data_dir": None,
+    "model": "cnn1d",
+    "model_kwargs": {},
+    "augment": False,
+    # full grid: every optimizer under every noise setting
+    "optimizers": ["sgd", "sam", "vasso", "saner", "saner_vasso"],
+    # extra rows: these optimizers only under the noise settings of extra_noise
+    "extra_optimizers": ["gsam", "asam"],
+    "extra_noise": ["symmetric:0.4"],
+    # "kind:rate"; kind symmetric or asymmetric (pair flip c -> c+1; the CIFAR-10 map there)
+    "noise": [
+        "symmetric:0.0",
+        "symmetric:0.2",
+        "symmetric:0.4",
+        "symmetric:0.6",
+        "asymmetric:0.4",
+    ],
+    "seeds": [0, 1, 2],
+    "epochs": 30,
+    "batch_size": 128,
+    "learning_rate": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_schedule": "cosine",
+    "rho": 0.1,
+    "asam_rho": 0.5,
+    "theta": 0.9,
+    "saner_alpha": 0.5,
+    "saner_warmup_epochs": 8,
+    "gsam_alpha": 0.1,
+    "max_steps_per_epoch": None,
+    "progress": False,
+    "checkpoint_dir": None,
+    "checkpoint_every": 0,
+    "reuse": True,
+    "out": "results/label_noise",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": DEFAULT,
+    "main": {
+        **DEFAULT,
+        "optimizers": ["sgd", "sam", "vasso", "saner"],
+        "extra_optimizers": [],
+        "noise": ["symmetric:0.4"],
+        "seeds": [0, 1, 2],
+        "progress": True,
+        "out": "results/label_noise/main",
+    },
+    "digits": {
+        **DEFAULT,
+        "dataset": "digits",
+        "model": "lenet",
+        "batch_size": 64,
+        "learning_rate": 0.05,
+        "epochs": 40,
+        "saner_warmup_epochs": 10,
+        "out": "results/label_noise/digits",
+    },
+    "cifar10": {
+        **DEFAULT,
+        "dataset": "cifar10",
+        "model": "resnet18",
+        "augment": True,
+        "noise": ["symmetric:0.2", "symmetric:0.4", "symmetric:0.6", "asymmetric:0.4"],
+        "epochs": 200,
+        "batch_size": 128,
+        "learning_rate": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "rho": 0.1,
+        "saner_alpha": 0.5,
+        "saner_warmup_epochs": 50,
+        "checkpoint_dir": "~/sharpjax_checkpoints/label_noise_cifar10",
+        "checkpoint_every": 10,
+        "progress": True,
+        "out": "results/label_noise/cifar10",
+    },
+    "tiny": {
+        **DEFAULT,
+        "dataset": "digits",
+        "model": "mlp",
+        "model_kwargs": {"hidden_sizes": [16]},
+        "optimizers": ["sgd", "sam", "saner"],
+        "extra_optimizers": ["gsam"],
+        "extra_noise": ["symmetric:0.4"],
+        "noise": ["symmetric:0.0", "symmetric:0.4"],
+        "seeds": [0, 1],
+        "epochs": 2,
+        "batch_size": 64,
+        "saner_warmup_epochs": 1,
+        "max_steps_per_epoch": 3,
+        "reuse": False,
+        "out": "results/label_noise/tiny",
+    },
+}
+PRESETS["cifar100"] = {
+    **PRESETS["cifar10"],
+    "dataset": "cifar100",
+    "checkpoint_dir": "~/sharpjax_checkpoints/label_noise_cifar100",
+    "out": "results/label_noise/cifar100",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Runs.
+# --------------------------------------------------------------------------------------
+
+
+def parse_noise(setting: str) -> tuple[str, float]:
+    """``"symmetric:0.4"`` → ``("symmetric", 0.4)``; a zero rate is ``("none", 0.0)``."""
+    kind, _, rate = setting.partition(":")
+    if kind not in ("symmetric", "asymmetric", "none") or not rate:
+        raise ValueError(f"noise setting {setting!r} must look like 'symmetric:0.4'.")
+    value = float(rate)
+    return ("none", 0.0) if value == 0.0 else (kind, value)
+
+
+def noise_label(setting: str) -> str:
+    """``"symmetric:0.4"`` → ``"sym 40%"``."""
+    kind, rate = parse_noise(setting)
+    if kind == "none":
+        return "clean"
+    return f"{'sym' if kind == 'symmetric' else 'asym'} {round(100 * rate)}%"
+
+
+def run_grid(config: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """All ``(optimizer, noise setting, seed)`` of the experiment, in run order."""
+    grid = []
+    for setting in config["noise"]:
+        for seed in config["seeds"]:
+            for opt in config["optimizers"]:
+                grid.append((opt, setting, seed))
+            if setting in config["extra_noise"]:
+                for opt in config["extra_optimizers"]:
+                    if opt not in config["optimizers"]:
+                        grid.append((opt, setting, seed))
+    return grid
+
+
+def train_config(config: dict[str, Any], optimizer: str, setting: str, seed: int):
+    """The ``TrainConfig`` of one run."""
+    from sharpjax.train import TrainConfig
+
+    kind, rate = parse_noise(setting)
+    rho = None
+    if optimizer not in ("sgd", "adamw"):
+        rho = config["asam_rho"] if optimizer in ("asam", "saner_asam") else config["rho"]
+    alpha = None
+    if optimizer.startswith("saner"):
+        alpha = config["saner_alpha"]
+    elif optimizer == "gsam":
+        alpha = config["gsam_alpha"]
+    workdir = None
+    if config["checkpoint_dir"]:
+        workdir = os.path.join(
+            os.path.expanduser(config["checkpoint_dir"]), run_id(optimizer, setting, seed)
+        )
+    return TrainConfig(
+        dataset=config["dataset"],
+        data_dir=config["data_dir"],
+        noise=kind,
+        noise_rate=rate,
+        augment=config["augment"],
+        model=config["model"],
+        model_kwargs=dict(config["model_kwargs"]),
+        optimizer=optimizer,
+        rho=rho,
+        alpha=alpha,
+        theta=config["theta"],
+        saner_warmup_epochs=config["saner_warmup_epochs"] if optimizer.startswith("saner") else 0,
+        learning_rate=config["learning_rate"],
+        momentum=config["momentum"],
+        weight_decay=config["weight_decay"],
+        lr_schedule=config["lr_schedule"],
+        epochs=config["epochs"],
+        batch_size=config["batch_size"],
+        seed=seed,
+        max_steps_per_epoch=config["max_steps_per_epoch"],
+        progress=config["progress"],
+        workdir=workdir,
+        checkpoint_every=config["checkpoint_every"] if workdir else 0,
+        overwrite=bool(workdir),
+    )
+
+
+def run_id(optimizer: str, setting: str, seed: int) -> str:
+    kind, rate = parse_noise(setting)
+    return f"{optimizer}__{kind}{round(100 * rate):02d}__seed{seed}"
+
+
+def summarise(result, wall_seconds: float) -> dict[str, Any]:
+    """Per-run record: the compact per-epoch history, best/final accuracy, memorisation."""
+    history = [{k: h.get(k) for k in HISTORY_KEYS if k in h} for h in result.history]
+    tests = [(h["test_accuracy"], h["epoch"]) for h in history if h["test_accuracy"] is not None]
+    best, best_epoch = max(tests) if tests else (None, None)
+    masked = [h["masked_fraction"] for h in history if h.get("masked_fraction") is not None]
+    final = history[-1]
+    return {
+        "best_test_accuracy": best,
+        "best_epoch": best_epoch,
+        "final_test_accuracy": final.get("test_accuracy"),
+        "final_test_loss": final.get("test_loss"),
+        "final_train_accuracy_clean": final.get("train_accuracy_clean"),
+        "final_memorization": final.get("memorization"),
+        "max_memorization": max(
+            (h["memorization"] for h in history if h.get("memorization") is not None),
+            default=None,
+        ),
+        "mean_masked_fraction": float(np.mean(masked)) if masked else None,
+        "wall_seconds": wall_seconds,
+        "history": history,
+    }
+
+
+def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
+    """Trains every run of the grid (skipping stored identical runs when ``reuse``)."""
+    from sharpjax.data import load_dataset
+    from sharpjax.train import train
+
+    grid = run_grid(config)
+    loaded: tuple[Any, Any] = (None, None)  # ((setting, seed), Dataset)
+    runs = []
+    for index, (opt, setting, seed) in enumerate(grid, 1):
+        tc = train_config(config, opt, setting, seed)
+        run_config = {k: v for k, v in tc.to_dict().items() if k not in ("progress", "workdir")}
+        path = os.path.join(out, "runs", f"{run_id(opt, setting, seed)}.json")
+        header = f"[{index}/{len(grid)}] {NAMES.get(opt, opt)}, {noise_label(setting)}, seed {seed}"
+        cached = common.load_cached_run(path, run_config) if config["reuse"] else None
+        if cached is not None:
+            print(f"{header}: stored run reused ({path})", flush=True)
+            runs.append({**cached, "reused": True})
+            continue
+        print(header, flush=True)
+        if loaded[0] != (setting, seed):  # runs are ordered by (setting, seed): keep one
+            kind, rate = parse_noise(setting)
+            dataset = load_dataset(
+                config["dataset"],
+                noise=kind,
+                noise_rate=rate,
+                seed=seed,
+                data_dir=config["data_dir"],
+            )
+            loaded = ((setting, seed), dataset)
+        watch = common.Stopwatch()
+        result = train(tc, loaded[1])
+        record = {
+            "id": run_id(opt, setting, seed),
+            "optimizer": opt,
+            "noise": setting,
+            "seed": seed,
+            "run_config": run_config,
+            **summarise(result, watch.seconds),
+        }
+        record = common.jsonable(record)
+        common.write_json(path, record)
+        runs.append(record)
+        print(
+            f"{header}: best {100 * record['best_test_accuracy']:.1f}%, final "
+            f"{100 * record['final_test_accuracy']:.1f}%, memorisation "
+            + (
+                f"{100 * record['final_memorization']:.1f}%"
+                if record["final_memorization"] is not None
+                else "—"
+            )
+            + f" ({record['wall_seconds']:.0f} s)",
+            flush=True,
+        )
+    return runs
+
+
+# --------------------------------------------------------------------------------------
+# Table and plots.
+# --------------------------------------------------------------------------------------
+
+
+def _select(runs, opt, setting):
+    return [r for r in runs if r["optimizer"] == opt and r["noise"] == setting]
+
+
+def optimizer_rows(config: dict[str, Any]) -> list[str]:
+    extra = [o for o in config["extra_optimizers"] if o not in config["optimizers"]]
+    return list(config["optimizers"]) + extra
+
+
+def make_tables(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The markdown of ``table.md``: one table per metric, optimizers × noise settings."""
+    settings = list(config["noise"])
+    headers = ["optimizer"] + [noise_label(s) for s in settings]
+
+    def table(key: str) -> str:
+        rows = []
+        for opt in optimizer_rows(config):
+            cells = [common.fmt_mean_std(r[key] for r in _select(runs, opt, s)) for s in settings]
+            rows.append([NAMES.get(opt, opt), *cells])
+        return common.markdown_table(headers, rows)
+
+    seeds = len(config["seeds"])
+    parts = [
+        f"# Label noise: {config['dataset']}, {config['model']}, {config['epochs']} epochs, "
+        f"{seeds} seed{'s' * (seeds > 1)}\n",
+        "Mean ± std over seeds (sample std), in %. Noise is on the training labels only; "
+        "test labels are clean. `—`: not run.\n",
+        "## Final test accuracy (%)\n",
+        table("final_test_accuracy"),
+        "## Best test accuracy over epochs (%)\n",
+        table("best_test_accuracy"),
+        "## Memorisation at the end of training (%)\n",
+        "Fraction of the corrupted training examples that the final model predicts as their "
+        "noisy label (lower is better).\n",
+        table("final_memorization"),
+    ]
+    # Differences paired by seed (same seed: same noisy labels, same initialisation).
+    pairs = [(o, "sam") for o in optimizer_rows(config) if o != "sam"]
+    pairs += [("saner_vasso", "vasso"), ("saner_asam", "asam")]
+    diff_rows = []
+    for a, b in pairs:
+        if a not in optimizer_rows(config) or b not in optimizer_rows(config):
+            continue
+        cells = [
+            common.fmt_mean_std(
+                common.paired_differences(
+                    _select(runs, a, s), _select(runs, b, s), "final_test_accuracy"
+                )
+            )
+            for s in settings
+        ]
+        diff_rows.append([f"{NAMES.get(a, a)} − {NAMES.get(b, b)}", *cells])
+    if diff_rows:
+        parts += [
+            "## Final test accuracy: differences, paired by seed (percentage points)\n",
+            "Mean ± std over seeds of the per-seed difference (same seed: same noisy labels and "
+            "initialisation).\n",
+            common.markdown_table(["difference", *headers[1:]], diff_rows),
+        ]
+    saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
+    if saner:
+        rows = []
+        for opt in saner:
+            cells = [
+                common.fmt_mean_std(r["mean_masked_fraction"] for r in _select(runs, opt, s))
+                for s in settings
+            ]
+            rows.append([NAMES.get(opt, opt), *cells])
+        parts += [
+            "## SANER's masked fraction (%, mean over training steps)\n",
+            "Share of gradient elements with 0 < g_sam/g < 1, which SANER down-weights.\n",
+            common.markdown_table(headers, rows),
+        ]
+    return "\n".join(parts)
+
+
+def _curves(runs, key):
+    curves = [[h.get(key) for h in r["history"]] for r in runs]
+    epochs = [h["epoch"] for h in runs[0]["history"]]
+    return epochs, curves
+
+
+def _per_setting_plot(config, runs, key, settings, ylabel, path) -> str | None:
+    if not settings:
+        return None
+    fig, axes = common.subplot_grid(len(settings))
+    for ax, setting in zip(axes, settings, strict=False):
+        for opt in optimizer_rows(config):
+            selected = _select(runs, opt, setting)
+            if not selected or all(h.get(key) is None for h in selected[0]["history"]):
+                continue
+            epochs, curves = _curves(selected, key)
+            common.plot_band(ax, epochs, curves, label=NAMES.get(opt, opt))
+        ax.set_title(noise_label(setting))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    common.figure_legend(fig, axes)
+    return common.save_figure(fig, path)
+
+
+def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> list[str]:
+    """Accuracy and memorisation curves per noise setting, accuracy against noise rate, and
+    SANER's masked fraction; returns the PNG paths."""
+    settings = list(config["noise"])
+    noisy = [s for s in settings if parse_noise(s)[1] > 0]
+    paths = [
+        _per_setting_plot(
+            config,
+            runs,
+            "test_accuracy",
+            settings,
+            "test accuracy",
+            os.path.join(out, "test_accuracy.png"),
+        ),
+        _per_setting_plot(
+            config,
+            runs,
+            "memorization",
+            noisy,
+            "memorisation of noisy labels",
+            os.path.join(out, "memorization.png"),
+        ),
+    ]
+    saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
+    if saner:
+        paths.append(
+            _per_setting_plot(
+                {**config, "optimizers": saner, "extra_optimizers": []},
+                runs,
+                "masked_fraction",
+                settings,
+                "SANER masked fraction",
+                os.path.join(out, "masked_fraction.png"),
+            )
+        )
+
+    # Final and best test accuracy against the symmetric noise rate (needs two rates or more).
+    symmetric = [s for s in settings if parse_noise(s)[0] in ("none", "symmetric")]
+    if len(symmetric) < 2:
+        return [p for p in paths if p]
+    fig, axes = common.subplot_grid(2, ncols=2)
+    for ax, key, title in zip(
+        axes, ("final_test_accuracy", "best_test_accuracy"), ("final", "best"), strict=True
+    ):
+        for opt in optimizer_rows(config):
+            points = [
+                (parse_noise(s)[1], common.mean_std(r[key] for r in _select(runs, opt, s)))
+                for s in symmetric
+            ]
+            points = [(x, m, sd) for x, (m, sd, n) in points if n > 0]
+            if not points:
+                continue
+            xs, ms, sds = map(np.asarray, zip(*points, strict=True))
+            ax.errorbar(100 * xs, ms, yerr=sds, marker="o", capsize=3, label=NAMES.get(opt, opt))
+        ax.set_xlabel("symmetric label noise (%)")
+        ax.set_ylabel(f"{title} test accuracy")
+        ax.set_title(f"{title} test accuracy (mean ± std)")
+        ax.grid(alpha=0.3)
+    common.figure_legend(fig, axes)
+    paths.append(common.save_figure(fig, os.path.join(out, "accuracy_vs_noise.png")))
+    return [p for p in paths if p]
+
+
+# --------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the experiment; returns ``{"config", "runs", "table", "plots", "out"}``."""
+    config = common.parse_config(argv, PRESETS, __doc__.splitlines()[0])
+    common.enable_compilation_cache()
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    watch = common.Stopwatch()
+    hardware = common.hardware()
+    common.write_json(os.path.join(out, "config.json"), {**config, "hardware": hardware})
+
+    runs = run_all(config, out)
+    wall = watch.seconds
+    common.write_json(
+        os.path.join(out, "summary.json"),
+        {
+            "config": config,
+            "hardware": hardware,
+            "wall_seconds": wall,
+            "runs": common.without_history(runs),
+        },
+    )
+    table = make_tables(config, runs)
+    table += common.timing_line(runs, wall, hardware, config["preset"])
+    common.write_text(os.path.join(out, "table.md"), table)
+    plots = make_plots(config, runs, out)
+    print("\n" + table)
+    print(f"Results in {out}/: table.md, summary.json, runs/*.json")
+    print("Plots: " + ", ".join(plots))
+    return {"config": config, "runs": runs, "table": table, "plots": plots, "out": out}
+
+
+if __name__ == "__main__":
+    main()

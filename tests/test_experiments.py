@@ -1,0 +1,266 @@
+"""The experiment scripts end to end at ``--preset tiny``: files, tables, JSON and PNGs.
+
+Each script runs in-process through its ``main(argv)`` into a temporary folder; we then read
+what it wrote (not only its exit), so a script that runs but writes an empty table, NaNs or a
+broken PNG fails here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
+sys.path.insert(0, EXPERIMENTS)
+
+import benchmarks  # noqa: E402
+import common  # noqa: E402
+import label_noise  # noqa: E402
+import noisy_training  # noqa: E402
+import sharpness_generalization  # noqa: E402
+
+
+def table_rows(markdown: str, section: str | None = None) -> list[list[str]]:
+    """The rows (header first) of the first markdown table after the heading ``section``."""
+    lines = markdown.splitlines()
+    if section is not None:
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith(section)) :]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not all(set(c) <= set(":-") for c in cells):  # skip the alignment row
+            rows.append(cells)
+    return rows
+
+
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def all_finite(value) -> bool:
+    """True when every number in a JSON value is finite (None allowed)."""
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(all_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def check_pngs(paths, folder):
+    assert paths
+    for path in paths:
+        assert os.path.dirname(os.path.abspath(path)) == os.path.abspath(folder)
+        assert common.is_png(path), path
+        assert os.path.getsize(path) > 2000, path  # a real figure, not an empty canvas
+
+
+# --------------------------------------------------------------------------------------
+# Helpers.
+# --------------------------------------------------------------------------------------
+
+
+def test_parse_config_presets_and_overrides():
+    presets = {"default": {"a": 1, "b": [0, 1], "c": "x", "d": None, "e": True, "f": 0.5}}
+    config = common.parse_config(
+        ["--a", "3", "--b", "4", "5", "--d", "7", "--e", "false", "--f=2"], presets, "t"
+    )
+    assert config == {"a": 3, "b": [4, 5], "c": "x", "d": 7, "e": False, "f": 2.0,
+                      "preset": "default"}  # fmt: skip
+    with pytest.raises(SystemExit):
+        common.parse_config(["--nope", "1"], presets, "t")
+    with pytest.raises(SystemExit):
+        common.parse_config(["--preset", "missing"], presets, "t")
+
+
+def test_mean_std_and_table():
+    assert common.fmt_mean_std([0.5, 0.7]) == "60.0 ± 14.1"
+    assert common.fmt_mean_std([None]) == "—"
+    table = common.markdown_table(["a", "b"], [[1, 2]])
+    assert table_rows(table) == [["a", "b"], ["1", "2"]]
+
+
+# --------------------------------------------------------------------------------------
+# The experiments.
+# --------------------------------------------------------------------------------------
+
+
+def test_label_noise_tiny(tmp_path):
+    out = str(tmp_path / "label_noise")
+    result = label_noise.main(["--preset", "tiny", "--out", out])
+    config = result["config"]
+    expected_runs = len(config["noise"]) * len(config["seeds"]) * len(config["optimizers"])
+    expected_runs += len(config["extra_noise"]) * len(config["seeds"])  # GSAM row
+    assert len(result["runs"]) == expected_runs
+
+    assert common.read_json(os.path.join(out, "config.json"))["preset"] == "tiny"
+    run_files = sorted(os.listdir(os.path.join(out, "runs")))
+    assert len(run_files) == expected_runs
+    for name in run_files:
+        run = common.read_json(os.path.join(out, "runs", name))
+        assert all_finite(run)
+        assert 0.0 <= run["final_test_accuracy"] <= 1.0
+        assert 0.0 <= run["best_test_accuracy"] <= 1.0
+        assert run["best_test_accuracy"] >= run["final_test_accuracy"]
+        assert len(run["history"]) == config["epochs"]
+        noisy = run["noise"] != "symmetric:0.0"
+        assert (run["final_memorization"] is not None) == noisy
+        if run["optimizer"] == "saner":
+            assert 0.0 < run["mean_masked_fraction"] < 1.0
+    summary = common.read_json(os.path.join(out, "summary.json"))
+    assert len(summary["runs"]) == expected_runs and "history" not in summary["runs"][0]
+
+    table = read_text(os.path.join(out, "table.md"))
+    final = table_rows(table, "## Final test accuracy")
+    assert final[0] == ["optimizer", "clean", "sym 40%"]
+    assert [row[0] for row in final[1:]] == ["SGD", "SAM", "SANER", "GSAM"]
+    assert all("±" in cell for row in final[1:3] for cell in row[1:])
+    assert final[4][1] == "—" and "±" in final[4][2]  # GSAM: 40 % only
+    memorization = table_rows(table, "## Memorisation")
+    assert memorization[1][1] == "—" and "±" in memorization[1][2]
+    masked = table_rows(table, "## SANER's masked fraction")
+    assert [row[0] for row in masked[1:]] == ["SANER"]
+    check_pngs(result["plots"], out)
+    assert {os.path.basename(p) for p in result["plots"]} == {
+        "test_accuracy.png",
+        "memorization.png",
+        "masked_fraction.png",
+        "accuracy_vs_noise.png",
+    }
+
+
+def test_label_noise_presets_are_valid_configs():
+    """Every preset builds valid TrainConfigs (CIFAR ones included, without touching data)."""
+    for name, preset in label_noise.PRESETS.items():
+        config = {**preset, "preset": name}
+        grid = label_noise.run_grid(config)
+        assert grid, name
+        for opt, setting, seed in grid[:: max(1, len(grid) // 10)]:
+            label_noise.train_config(config, opt, setting, seed)
+    cifar = label_noise.PRESETS["cifar10"]
+    assert (cifar["model"], cifar["epochs"], cifar["batch_size"]) == ("resnet18", 200, 128)
+    assert (cifar["learning_rate"], cifar["momentum"], cifar["weight_decay"]) == (0.1, 0.9, 5e-4)
+    assert (cifar["rho"], cifar["saner_alpha"], cifar["saner_warmup_epochs"]) == (0.1, 0.5, 50)
+    main = label_noise.PRESETS["main"]
+    assert main["optimizers"] == ["sgd", "sam", "vasso", "saner"]
+    assert main["noise"] == ["symmetric:0.4"] and len(main["seeds"]) >= 2
+
+
+def test_noisy_training_tiny(tmp_path):
+    out = str(tmp_path / "noisy")
+    result = noisy_training.main(["--preset", "tiny", "--out", out])
+    config = result["config"]
+    settings = noisy_training.settings(config)
+    methods = noisy_training.methods(config)
+    assert len(result["runs"]) == len(settings) * len(methods) * len(config["seeds"])
+    for run in result["runs"]:
+        assert all_finite(run) and 0.0 <= run["final_test_accuracy"] <= 1.0
+        stored = common.read_json(os.path.join(out, "runs", f"{run['id']}.json"))
+        assert stored["final_test_accuracy"] == run["final_test_accuracy"]
+        # the disturbance really reached the TrainConfig of the run
+        for field in noisy_training.DISTURBANCES:
+            expected = run["scale"] if field == run["disturbance"] else 0.0
+            assert stored["run_config"][field] == pytest.approx(expected)
+
+    table = read_text(os.path.join(out, "table.md"))
+    rows = table_rows(table)
+    assert rows[0] == ["method", "none", "grad σ=0.05", "param σ=0.003", "bias=0.001"]
+    assert [r[0] for r in rows[1:]] == ["SGD", "SAM", "noise-resistant SAM (μ=0.01)"]
+    assert all("±" in cell for r in rows[1:] for cell in r[1:])
+    diffs = table_rows(table, "## Final test accuracy: difference to SAM")
+    assert [r[0] for r in diffs[1:]] == ["SGD − SAM", "noise-resistant SAM (μ=0.01) − SAM"]
+    last = table_rows(table, "## Mean test accuracy over the last")
+    assert last[0] == rows[0] and all("±" in cell for r in last[1:] for cell in r[1:])
+    drift = table_rows(table, "## Mean parameter value")
+    assert drift[0] == ["method", "none", "bias=0.001"]
+    check_pngs(result["plots"], out)
+
+
+def test_sharpness_generalization_tiny(tmp_path):
+    out = str(tmp_path / "sharp")
+    result = sharpness_generalization.main(["--preset", "tiny", "--out", out])
+    config = result["config"]
+    n = (
+        len(config["label_fractions"])
+        * len(config["widths"])
+        * len(config["learning_rates"])
+        * len(config["seeds"])
+    )
+    assert len(result["runs"]) == n
+    for run in result["runs"]:
+        assert all_finite(run)
+        gap = run["train_accuracy"] - run["test_accuracy"]
+        assert run["gap_accuracy"] == pytest.approx(gap, abs=1e-6)
+        original = run["measures"]["original"]
+        for measure in sharpness_generalization.MEASURES:
+            assert math.isfinite(original[measure])
+        # Minimum Sharpness never exceeds the trace; node-wise never exceeds layer-wise.
+        assert original["min_sharpness_node"] <= original["min_sharpness_layer"] * (1 + 1e-5)
+        assert original["min_sharpness_layer"] <= original["trace"] * (1 + 1e-5)
+        # The rescalings preserve the function, and Minimum Sharpness (node) with it.
+        assert run["relative_logit_change"]["layer"] < 1e-4
+        assert run["relative_logit_change"]["node"] < 1e-4
+        for kind in ("layer_rescaled", "node_rescaled"):
+            after = run["measures"][kind]["min_sharpness_node"]
+            assert after == pytest.approx(original["min_sharpness_node"], rel=1e-3)
+        after = run["measures"]["layer_rescaled"]["min_sharpness_layer"]
+        assert after == pytest.approx(original["min_sharpness_layer"], rel=1e-3)
+    # ... while the plain trace moves.
+    inv = result["invariance"]
+    assert inv["trace"]["node_rescaled"]["max_relative_change"] > 0.1
+    assert inv["min_sharpness_node"]["node_rescaled"]["max_relative_change"] < 1e-3
+    for measure in sharpness_generalization.MEASURES:
+        tau = result["correlations"][measure]["gap_accuracy"]["tau"]
+        assert -1.0 <= tau <= 1.0
+
+    summary = common.read_json(os.path.join(out, "summary.json"))
+    assert set(summary["correlations"]) == set(sharpness_generalization.MEASURES)
+    table = read_text(os.path.join(out, "table.md"))
+    corr = table_rows(table, "## Kendall")
+    assert corr[0][0] == "measure" and len(corr) == 1 + len(sharpness_generalization.MEASURES)
+    assert [r[0] for r in corr[1:]] == list(sharpness_generalization.MEASURES.values())
+    inv_rows = table_rows(table, "## Scale invariance")
+    assert inv_rows[0][:3] == ["measure", "median before", "layer-wise: after/before"]
+    assert len(inv_rows) == 1 + len(sharpness_generalization.MEASURES)
+    assert "Cross-check of the exact trace" in table
+    check_pngs(result["plots"], out)
+
+
+def test_benchmarks_wiring(tmp_path):
+    """Argument wiring only (the benchmarks themselves take minutes)."""
+    out = str(tmp_path / "bench")
+    result = benchmarks.main(
+        ["--dry_run", "true", "--out", out, "--steps_args=--repeats 7 --only sam vasso"]
+    )
+    records = {r["name"]: r for r in result["records"]}
+    assert set(records) == {"steps", "measures", "parallel"}
+    cmd = benchmarks.command(result["config"], "steps")
+    assert cmd[1].endswith("bench_steps.py")
+    assert cmd[2:] == [
+        "--repeats",
+        "7",
+        "--only",
+        "sam",
+        "vasso",
+        "--out",
+        os.path.join(out, "steps.json"),
+    ]
+    assert benchmarks.command(result["config"], "parallel")[-2:] == [
+        "--out",
+        os.path.join(out, "parallel.json"),
+    ]
+    for record in records.values():
+        assert record["status"] in ("dry_run", "missing")
+    assert records["steps"]["status"] == "dry_run"
+    with pytest.raises(ValueError):
+        benchmarks.command(result["config"], "nope")
