@@ -363,3 +363,44 @@ def is_png(path: str) -> bool:
 def relative(path: str, start: str) -> str:
     """``path`` relative to ``start`` (for links in tables and messages)."""
     return os.path.relpath(path, start)
+
+
+def run_experiment(
+    argv: list[str] | None,
+    presets: dict[str, dict[str, Any]],
+    description: str,
+    run_all: Callable[[dict[str, Any], str], list[dict[str, Any]]],
+    make_tables: Callable[..., str],
+    make_plots: Callable[..., list[str]],
+    analyse: Callable[[list[dict[str, Any]]], dict[str, Any]] = lambda runs: {},
+    seconds: Callable[[dict[str, Any]], float] | None = None,
+) -> dict[str, Any]:
+    """The one ``main`` of every experiment: config, runs, ``summary.json``, ``table.md``, plots.
+
+    ``analyse(runs)`` returns named results computed from all runs (e.g. correlations); they
+    go into ``summary.json`` and are passed by name to ``make_tables(config, runs, ...)`` and
+    ``make_plots(config, runs, out, ...)``. ``seconds(run)`` is a run's own time for the
+    closing timing line. Returns ``{"config", "runs", <analysis>, "table", "plots", "out"}``.
+    """
+    config = parse_config(argv, presets, description)
+    enable_compilation_cache()
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    watch = Stopwatch()
+    machine = hardware()
+    write_json(os.path.join(out, "config.json"), {**config, "hardware": machine})
+
+    runs = run_all(config, out)
+    analysis = analyse(runs)
+    wall = watch.seconds
+    summary = {"config": config, "hardware": machine, "wall_seconds": wall, **analysis}
+    write_json(os.path.join(out, "summary.json"), {**summary, "runs": without_history(runs)})
+    table = make_tables(config, runs, **analysis)
+    timing = {"seconds": seconds} if seconds else {}
+    table += timing_line(runs, wall, machine, config["preset"], **timing)
+    write_text(os.path.join(out, "table.md"), table)
+    plots = make_plots(config, runs, out, **analysis)
+    print("\n" + table)
+    print(f"Results in {out}/: table.md, summary.json, runs/*.json")
+    print("Plots: " + ", ".join(plots))
+    return {"config": config, "runs": runs, **analysis, "table": table, "plots": plots, "out": out}

@@ -528,33 +528,9 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the experiment; returns ``{"config", "runs", "table", "plots", "out"}``."""
-    config = common.parse_config(argv, PRESETS, __doc__.splitlines()[0])
-    common.enable_compilation_cache()
-    out = config["out"]
-    os.makedirs(out, exist_ok=True)
-    watch = common.Stopwatch()
-    hardware = common.hardware()
-    common.write_json(os.path.join(out, "config.json"), {**config, "hardware": hardware})
-
-    runs = run_all(config, out)
-    wall = watch.seconds
-    common.write_json(
-        os.path.join(out, "summary.json"),
-        {
-            "config": config,
-            "hardware": hardware,
-            "wall_seconds": wall,
-            "runs": common.without_history(runs),
-        },
+    return common.run_experiment(
+        argv, PRESETS, __doc__.splitlines()[0], run_all, make_tables, make_plots
     )
-    table = make_tables(config, runs)
-    table += common.timing_line(runs, wall, hardware, config["preset"])
-    common.write_text(os.path.join(out, "table.md"), table)
-    plots = make_plots(config, runs, out)
-    print("\n" + table)
-    print(f"Results in {out}/: table.md, summary.json, runs/*.json")
-    print("Plots: " + ", ".join(plots))
-    return {"config": config, "runs": runs, "table": table, "plots": plots, "out": out}
 
 
 if __name__ == "__main__":

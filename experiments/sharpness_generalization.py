@@ -437,12 +437,12 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def make_tables(config, runs, corr, inv) -> str:
+def make_tables(config, runs, correlations, invariance) -> str:
     """``table.md``: the correlation table, the invariance table and the family's summary."""
     n = len(runs)
     corr_rows = []
     for measure, label in MEASURES.items():
-        c = corr[measure]
+        c = correlations[measure]
         corr_rows.append(
             [
                 label,
@@ -456,7 +456,7 @@ def make_tables(config, runs, corr, inv) -> str:
         before = np.median([r["measures"]["original"][measure] for r in runs])
         cells = [label, f"{before:.4g}"]
         for kind in ("layer_rescaled", "node_rescaled"):
-            s = inv[measure][kind]
+            s = invariance[measure][kind]
             cells += [
                 f"{s['median_ratio']:.4g} [{s['min_ratio']:.3g}, {s['max_ratio']:.3g}]",
                 f"{s['max_relative_change']:.1e}",
@@ -550,7 +550,7 @@ def make_tables(config, runs, corr, inv) -> str:
     )
 
 
-def make_plots(config, runs, corr, out: str) -> list[str]:
+def make_plots(config, runs, out: str, correlations, invariance) -> list[str]:
     """Scatter of every measure against the accuracy gap (τ in the title), and the
     before/after-rescaling scatter of trace and Minimum Sharpness."""
     import matplotlib.pyplot as plt
@@ -577,7 +577,8 @@ def make_plots(config, runs, corr, out: str) -> list[str]:
             )
         if all(r["measures"]["original"][measure] > 0 for r in runs):
             ax.set_xscale("log")
-        ax.set_title(f"{label}\nτ = {_fmt(corr[measure]['gap_accuracy']['tau'])}", fontsize=9)
+        tau = correlations[measure]["gap_accuracy"]["tau"]
+        ax.set_title(f"{label}\nτ = {_fmt(tau)}", fontsize=9)
         ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("train acc − test acc (pp)", fontsize=8)
         ax.grid(alpha=0.3)
@@ -624,50 +625,18 @@ def make_plots(config, runs, corr, out: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the experiment; returns ``{"config", "runs", "correlations", "table", "plots"}``."""
-    config = common.parse_config(argv, PRESETS, __doc__.splitlines()[0])
-    common.enable_compilation_cache()
-    out = config["out"]
-    os.makedirs(out, exist_ok=True)
-    watch = common.Stopwatch()
-    hardware = common.hardware()
-    common.write_json(os.path.join(out, "config.json"), {**config, "hardware": hardware})
-    runs = run_all(config, out)
-    corr, inv = correlations(runs), invariance(runs)
-    wall = watch.seconds
-    common.write_json(
-        os.path.join(out, "summary.json"),
-        {
-            "config": config,
-            "hardware": hardware,
-            "wall_seconds": wall,
-            "correlations": corr,
-            "invariance": inv,
-            "runs": runs,
-        },
-    )
-    table = make_tables(config, runs, corr, inv)
-    table += common.timing_line(
-        runs,
-        wall,
-        hardware,
-        config["preset"],
+    """Runs the experiment; returns ``{"config", "runs", "correlations", "invariance", "table",
+    "plots", "out"}``."""
+    return common.run_experiment(
+        argv,
+        PRESETS,
+        __doc__.splitlines()[0],
+        run_all,
+        make_tables,
+        make_plots,
+        analyse=lambda runs: {"correlations": correlations(runs), "invariance": invariance(runs)},
         seconds=lambda r: r["train_seconds"] + r["measure_seconds"],
     )
-    common.write_text(os.path.join(out, "table.md"), table)
-    plots = make_plots(config, runs, corr, out)
-    print("\n" + table)
-    print(f"Results in {out}/: table.md, summary.json, runs/*.json")
-    print("Plots: " + ", ".join(plots))
-    return {
-        "config": config,
-        "runs": runs,
-        "correlations": corr,
-        "invariance": inv,
-        "table": table,
-        "plots": plots,
-        "out": out,
-    }
 
 
 if __name__ == "__main__":
