@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# He et al. (2015, "Delving deep into rectifiers") init, fan-out as in torchvision's ResNet.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from sharpjax.models.layers import batch_norm, conv
 
 
 class BasicBlock(nn.Module):
@@ -31,28 +30,12 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = lambda f, k, s: nn.Conv(
-            f,
-            (k, k),
-            (s, s),
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        # PyTorch's momentum 0.1 on the new batch is Flax's momentum 0.9 on the running value.
-        norm = lambda: nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
-        y = nn.relu(norm()(conv(self.features, 3, self.strides)(x)))
-        y = norm()(conv(self.features, 3, 1)(y))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda: batch_norm(train, axis_name=self.bn_axis_name, **kw)
+        y = nn.relu(norm()(conv(self.features, 3, self.strides, **kw)(x)))
+        y = norm()(conv(self.features, 3, 1, **kw)(y))
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = norm()(conv(self.features, 1, self.strides)(x))
+            x = norm()(conv(self.features, 1, self.strides, **kw)(x))
         return nn.relu(x + y)
 
 
@@ -82,15 +65,8 @@ class ResNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         widths = [max(1, round(64 * self.width * 2**i)) for i in range(len(self.stage_sizes))]
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(widths[0], (3, 3), use_bias=False, kernel_init=conv_init, **kw)(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            axis_name=self.bn_axis_name,
-            **kw,
-        )(x)
-        x = nn.relu(x)
+        x = conv(widths[0], 3, **kw)(x)
+        x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name, **kw)(x))
         for i, (blocks, features) in enumerate(zip(self.stage_sizes, widths, strict=True)):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# He et al. (2015) init, as in the authors' code (kaiming normal, fan-out for convs).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from sharpjax.models.layers import batch_norm, conv
 
 
 class WideBlock(nn.Module):
@@ -32,32 +31,17 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = lambda k, s: nn.Conv(
-            self.features,
-            (k, k),
-            (s, s),
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = lambda: nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda: batch_norm(train, axis_name=self.bn_axis_name, **kw)
         a = nn.relu(norm()(x))
-        y = conv(3, self.strides)(a)
+        y = conv(self.features, 3, self.strides, **kw)(a)
         y = nn.relu(norm()(y))
         if self.dropout_rate > 0:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = conv(3, 1)(y)
+        y = conv(self.features, 3, 1, **kw)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             # Projection of the activated input: the reference code shares the first BN-ReLU.
-            x = conv(1, self.strides)(a)
+            x = conv(self.features, 1, self.strides, **kw)(a)
         return x + y
 
 
@@ -90,7 +74,7 @@ class WideResNet(nn.Module):
         n = (self.depth - 4) // 6
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=conv_init, **kw)(x)
+        x = conv(16, 3, **kw)(x)
         for i, strides in enumerate((1, 2, 2)):
             features = 16 * self.widen_factor * 2**i
             for j in range(n):
@@ -101,12 +85,6 @@ class WideResNet(nn.Module):
                     bn_axis_name=self.bn_axis_name,
                     **kw,
                 )(x, train)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            axis_name=self.bn_axis_name,
-            **kw,
-        )(x)
+        x = batch_norm(train, axis_name=self.bn_axis_name, **kw)(x)
         x = jnp.mean(nn.relu(x), axis=(1, 2))
         return nn.Dense(self.num_classes, **kw)(x).astype(jnp.float32)
