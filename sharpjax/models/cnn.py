@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sharpjax.models.layers import dense_head
+
 
 class LeNet(nn.Module):
     """LeNet-5 style CNN (LeCun et al., 1998, "Gradient-based learning applied to document
@@ -47,10 +49,7 @@ class LeNet(nn.Module):
         for ch in self.features:
             x = nn.relu(nn.Conv(ch, (self.kernel_size, self.kernel_size), **kw)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))
-        for width in self.hidden_sizes:
-            x = nn.relu(nn.Dense(width, **kw)(x))
-        return nn.Dense(self.num_classes, **kw)(x).astype(jnp.float32)
+        return dense_head(x, self.hidden_sizes, self.num_classes, **kw)
 
 
 class CNN1D(nn.Module):
@@ -87,7 +86,4 @@ class CNN1D(nn.Module):
         for ch in self.features:
             x = nn.relu(nn.Conv(ch, (self.kernel_size,), **kw)(x))
             x = nn.max_pool(x, (2,), strides=(2,))
-        x = x.reshape((x.shape[0], -1))
-        for width in self.hidden_sizes:
-            x = nn.relu(nn.Dense(width, **kw)(x))
-        return nn.Dense(self.num_classes, **kw)(x).astype(jnp.float32)
+        return dense_head(x, self.hidden_sizes, self.num_classes, **kw)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sharpjax.models.layers import dense_head
+
 
 class MLP(nn.Module):
     """Fully connected ReLU network on flattened inputs.
@@ -32,8 +34,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout or normalisation: train and eval are the same function
-        x = jnp.asarray(x, self.dtype).reshape((x.shape[0], -1))
-        for width in self.hidden_sizes:
-            x = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(x))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return x.astype(jnp.float32)
+        x = jnp.asarray(x, self.dtype)
+        return dense_head(
+            x, self.hidden_sizes, self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype
+        )
