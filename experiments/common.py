@@ -8,9 +8,16 @@ presets, and command-line overrides of any config key, big_vision style::
 A key's type comes from its value in the chosen preset: lists take several values
 (``--seeds 0 1 2``), booleans take ``true/false``, dicts take JSON.
 
-Each experiment writes into its output folder (``results/<experiment>/`` by default):
-``config.json``, raw per-run JSON under ``runs/``, ``summary.json`` (the runs without their
-per-epoch histories), ``table.md`` and PNG plots (matplotlib, Agg backend).
+Where results go: ``--out DIR`` if given, else ``runs/<experiment>/<preset>/`` at the root of
+the repository (ignored by git, so running an experiment never dirties the checkout), or
+``$SHARPJAX_RUNS/<experiment>/<preset>/`` when that variable is set. The results the README
+quotes are named, stored runs under ``results/`` (written with an explicit ``--out``).
+
+Each experiment writes into its output folder: ``config.json``, raw per-run JSON under
+``runs/`` (reused by a rerun with the same config), ``summary.json`` (every run with its
+per-epoch history, without its full run config), ``table.md`` and PNG plots (matplotlib, Agg
+backend). ``--report`` rewrites ``table.md`` and the plots from ``summary.json`` alone,
+without training: that is how the committed tables and plots are regenerated on a fresh clone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -72,41 +80,95 @@ def _scalar_type(value: Any) -> Callable[[str], Any]:
     return _loose
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as plain text for ``--help``: without reST markup (````x````, ``:mod:``)."""
+    text = re.sub(r":(?:mod|func|class|meth|attr):`~?([^`]+)`", r"\1", doc)
+    return text.replace("``", "").replace("::\n", ":\n").strip()
+
+
+def default_out(experiment: str, preset: str) -> str:
+    """Where a run writes without ``--out``: ``$SHARPJAX_RUNS`` or ``<repo>/runs``, then
+    ``<experiment>/<preset>``. ``runs/`` is in ``.gitignore``."""
+    root = os.environ.get("SHARPJAX_RUNS") or os.path.join(REPO_ROOT, "runs")
+    return os.path.join(root, experiment, preset)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "(none)"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
 def parse_config(
     argv: Sequence[str] | None,
     presets: dict[str, dict[str, Any]],
     description: str,
     default_preset: str = "default",
+    help: dict[str, str] | None = None,
+    experiment: str | None = None,
 ) -> dict[str, Any]:
     """The config of ``--preset NAME`` (default ``default_preset``) with overrides applied.
 
-    Every key of the preset is an option ``--key`` (dashes or underscores). Unknown keys are
-    an error that lists the known ones. The returned dict also holds ``preset``.
+    Every key of the preset is an option ``--key`` (dashes or underscores); ``help[key]``
+    says what it means in ``--help``, next to its default in the chosen preset. Unknown keys
+    are an error that lists the known ones. The returned dict also holds ``preset`` and
+    ``report`` (``--report``: rebuild table and plots from the stored ``summary.json``). With
+    ``experiment`` given, an ``out`` of None becomes :func:`default_out`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default=default_preset, choices=sorted(presets))
     known, _ = first.parse_known_args(argv)
     base = dict(presets[known.preset])
+    help = help or {}
+    missing = [key for key in base if help and key not in help]
+    if missing:  # a programming error of the script, caught by its tests
+        raise ValueError(f"parse_config: no help text for the config keys {missing}.")
 
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets: {', '.join(sorted(presets))}. Any config key can be overridden.",
+        epilog=(
+            f"Defaults shown are those of --preset {known.preset}; the presets "
+            f"({', '.join(sorted(presets))}) differ in them. Lists take several values "
+            "(--seeds 0 1 2), booleans true/false, dicts JSON."
+        ),
     )
-    parser.add_argument("--preset", default=default_preset, choices=sorted(presets))
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=sorted(presets),
+        help=f"named set of defaults (default: {default_preset})",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="do not train: rewrite table.md and the plots of --out from its summary.json",
+    )
     for key, value in base.items():
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        text = help.get(key, "")
+        shown = _describe(value)
+        if key == "out" and value is None and experiment:
+            shown = os.path.relpath(default_out(experiment, known.preset), os.getcwd())
+        text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if isinstance(value, list):
             element = _scalar_type(value[0]) if value else _loose
-            parser.add_argument(*flags, dest=key, nargs="*", type=element, default=value)
+            parser.add_argument(*flags, dest=key, nargs="*", type=element, default=value, help=text)
         elif isinstance(value, dict):
-            parser.add_argument(*flags, dest=key, type=json.loads, default=value)
+            parser.add_argument(*flags, dest=key, type=json.loads, default=value, help=text)
         else:
-            parser.add_argument(*flags, dest=key, type=_scalar_type(value), default=value)
+            kind = str if key == "out" else _scalar_type(value)
+            parser.add_argument(*flags, dest=key, type=kind, default=value, help=text)
     args = vars(parser.parse_args(argv))
     config = {key: args[key] for key in base}
     config["preset"] = args["preset"]
+    config["report"] = args["report"]
+    if experiment and "out" in config and config["out"] is None:
+        config["out"] = default_out(experiment, config["preset"])
     return config
 
 
@@ -141,9 +203,10 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def without_history(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs without their per-epoch ``history`` and ``run_config`` (for summaries)."""
-    return [{k: v for k, v in r.items() if k not in ("history", "run_config")} for r in runs]
+def for_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs without their ``run_config``, histories kept, so that ``summary.json`` alone
+    redraws every table and plot (``--report``)."""
+    return [{k: v for k, v in r.items() if k != "run_config"} for r in runs]
 
 
 def read_json(path: str) -> Any:
@@ -236,8 +299,8 @@ def timing_line(
     trained = sum(not r.get("reused") for r in runs)
     total = sum(seconds(r) for r in runs)
     return (
-        f"\nWall time of this invocation {wall_seconds / 60:.1f} min ({trained} of {len(runs)} "
-        f"runs trained now, the others reused from runs/); the runs themselves took "
+        f"\nWall time {wall_seconds / 60:.1f} min ({trained} of {len(runs)} runs trained, the "
+        f"others reused from runs/); the runs themselves took "
         f"{total / 60:.1f} min in all. Hardware: {hardware['nproc']} × {hardware['cpu']} "
         f"({hardware['device']}); preset `{preset}`.\n"
     )
@@ -252,6 +315,44 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+class RunProgress:
+    """One progress bar over all the runs of an experiment, with an ETA, plus a line per run.
+
+    ``start(name, compiling=...)`` shows which run is training (and, for the first run of a
+    kind, that its step is compiling, which takes most of a short run's time);
+    ``finish(line)`` prints one line for the finished run and advances the bar;
+    ``reused(line)`` does the same for a stored run that was not trained again. The bar
+    writes to stderr, the lines to stdout, so ``> log.txt`` keeps the lines only.
+    """
+
+    def __init__(self, total: int, description: str, disable: bool | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self.done = 0
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, desc=description, unit="run", disable=disable)
+
+    def start(self, name: str, compiling: bool = False) -> None:
+        note = "compiling its train step (the first of its kind; later ones reuse it)"
+        self.bar.set_postfix_str(f"{name}: {note if compiling else 'training'}", refresh=True)
+
+    def _line(self, text: str) -> None:
+        self.done += 1
+        self._tqdm.write(f"[{self.done}/{self.total}] {text}", file=sys.stdout)
+        self.bar.update(1)
+
+    def finish(self, line: str) -> None:
+        self._line(line)
+
+    def reused(self, line: str) -> None:
+        self._line(f"{line} (stored run reused)")
+
+    def close(self) -> None:
+        self.bar.set_postfix_str("")
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -304,32 +405,63 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 # --------------------------------------------------------------------------------------
 
 
-def save_figure(fig: plt.Figure, path: str) -> str:
-    """Saves ``fig`` as PNG at ``path`` (folders created) and closes it; returns the path."""
+DPI = 150
+
+
+def save_figure(fig: plt.Figure, path: str, title: str | None = None) -> str:
+    """Saves ``fig`` as a ``DPI`` PNG at ``path`` (folders created) and closes it.
+
+    ``title`` goes above all panels; a plot should name its dataset, model, noise and metric
+    there. Returns the path.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def subplot_grid(count: int, ncols: int = 3, size: float = 3.6) -> tuple[plt.Figure, np.ndarray]:
-    """A figure with ``count`` panels on a grid; unused panels are hidden."""
+def subplot_grid(count: int, ncols: int = 3, size: float = 4.2) -> tuple[plt.Figure, np.ndarray]:
+    """A figure with ``count`` panels on a grid (``size`` inches wide each); unused panels are
+    hidden."""
     ncols = max(1, min(ncols, count))
     nrows = max(1, math.ceil(count / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, 0.8 * size * nrows))
+    width = max(size * ncols, 6.0)  # one panel alone is still readable on a laptop screen
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 0.75 * width / ncols * nrows))
     axes = np.atleast_1d(axes).ravel()
     for ax in axes[count:]:
         ax.set_visible(False)
     return fig, axes
 
 
-def figure_legend(fig: plt.Figure, axes: Sequence[plt.Axes], fontsize: int = 8) -> None:
-    """One legend for the whole figure, below the panels, with every label of every panel."""
+def percent_axis(ax: plt.Axes, axis: str = "y") -> None:
+    """Shows fractions (0.5) as percentages (50 %) on ``axis``, as the tables do."""
+    from matplotlib.ticker import PercentFormatter
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+
+
+def band_note(count: int) -> str:
+    """The legend entry that explains the shaded band of :func:`plot_band`."""
+    return f"shaded: mean ± 1 std over {count} seeds" if count > 1 else "one seed: no band"
+
+
+def figure_legend(
+    fig: plt.Figure, axes: Sequence[plt.Axes], fontsize: int = 9, note: str | None = None
+) -> None:
+    """One legend for the whole figure, below the panels, with every label of every panel,
+    and ``note`` (e.g. :func:`band_note`) as a last entry with a grey patch."""
+    from matplotlib.patches import Patch
+
     handles: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
+    if note:
+        handles[note] = Patch(color="grey", alpha=0.25, lw=0)
     if handles:
         fig.legend(
             list(handles.values()),
@@ -350,6 +482,12 @@ def plot_band(ax: plt.Axes, x: Sequence[float], curves: Sequence[Sequence[float]
     if len(data) > 1:
         std = np.nanstd(data, axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def have_histories(runs: Sequence[dict[str, Any]]) -> bool:
+    """True when every run carries its per-epoch ``history`` (summaries written before the
+    histories were stored in ``summary.json`` do not: their curve plots cannot be redrawn)."""
+    return bool(runs) and all(r.get("history") for r in runs)
 
 
 def is_png(path: str) -> bool:
@@ -374,33 +512,53 @@ def run_experiment(
     make_plots: Callable[..., list[str]],
     analyse: Callable[[list[dict[str, Any]]], dict[str, Any]] = lambda runs: {},
     seconds: Callable[[dict[str, Any]], float] | None = None,
+    help: dict[str, str] | None = None,
+    experiment: str | None = None,
 ) -> dict[str, Any]:
     """The one ``main`` of every experiment: config, runs, ``summary.json``, ``table.md``, plots.
 
     ``analyse(runs)`` returns named results computed from all runs (e.g. correlations); they
     go into ``summary.json`` and are passed by name to ``make_tables(config, runs, ...)`` and
     ``make_plots(config, runs, out, ...)``. ``seconds(run)`` is a run's own time for the
-    closing timing line. Returns ``{"config", "runs", <analysis>, "table", "plots", "out"}``.
+    closing timing line. ``help`` documents every config key for ``--help``; ``experiment``
+    names the default output folder (:func:`default_out`). With ``--report``, nothing is
+    trained: config and runs come from ``<out>/summary.json`` and only ``table.md`` and the
+    plots are rewritten. Returns ``{"config", "runs", <analysis>, "table", "plots", "out"}``.
     """
-    config = parse_config(argv, presets, description)
-    enable_compilation_cache()
+    config = parse_config(argv, presets, description, help=help, experiment=experiment)
     out = config["out"]
-    os.makedirs(out, exist_ok=True)
-    watch = Stopwatch()
-    machine = hardware()
-    write_json(os.path.join(out, "config.json"), {**config, "hardware": machine})
-
-    runs = run_all(config, out)
+    if config["report"]:
+        path = os.path.join(out, "summary.json")
+        if not os.path.exists(path):
+            raise SystemExit(
+                f"--report reads {path}, which does not exist: pass the --out of a finished "
+                "run (e.g. one under results/), or drop --report to train."
+            )
+        stored = read_json(path)
+        config = {**stored["config"], "out": out, "report": True}
+        machine, wall = stored["hardware"], stored["wall_seconds"]
+        runs = stored["runs"]
+    else:
+        enable_compilation_cache()
+        os.makedirs(out, exist_ok=True)
+        watch = Stopwatch()
+        machine = hardware()
+        write_json(os.path.join(out, "config.json"), {**config, "hardware": machine})
+        runs = run_all(config, out)
     analysis = analyse(runs)
-    wall = watch.seconds
-    summary = {"config": config, "hardware": machine, "wall_seconds": wall, **analysis}
-    write_json(os.path.join(out, "summary.json"), {**summary, "runs": without_history(runs)})
+    if not config["report"]:
+        wall = watch.seconds
+        summary = {"config": config, "hardware": machine, "wall_seconds": wall, **analysis}
+        write_json(os.path.join(out, "summary.json"), {**summary, "runs": for_summary(runs)})
     table = make_tables(config, runs, **analysis)
     timing = {"seconds": seconds} if seconds else {}
     table += timing_line(runs, wall, machine, config["preset"], **timing)
     write_text(os.path.join(out, "table.md"), table)
     plots = make_plots(config, runs, out, **analysis)
+    shown = relative(out, os.getcwd())
     print("\n" + table)
-    print(f"Results in {out}/: table.md, summary.json, runs/*.json")
-    print("Plots: " + ", ".join(plots))
+    print(f"Results in {shown}/: table.md, summary.json" + ("" if config["report"] else ", runs/"))
+    print("Plots: " + ", ".join(relative(p, os.getcwd()) for p in plots))
+    if not have_histories(runs):
+        print("(summary.json has no per-epoch histories: the curve plots were not redrawn)")
     return {"config": config, "runs": runs, **analysis, "table": table, "plots": plots, "out": out}

@@ -1,6 +1,6 @@
 """Label-noise robustness: SGD, SAM, VaSSO, SANER, SANER on VaSSO (+ GSAM, ASAM).
 
-Seed claims tested (see /work/shared/seeds): VaSSO "endows SAM with robustness against high
+Claims tested (papers in docs/algorithms.md): VaSSO "endows SAM with robustness against high
 levels of label noise" (Li & Giannakis, NeurIPS 2023); SANER "significantly mitigates
 noisy-label memorization and improves generalization over both SAM and SGD", also on top of
 SAM-like variants (arXiv 2411.17132).
@@ -33,13 +33,15 @@ SANER paper's 0.1), ASAM its own ρ = 0.5 (its radius lives on the |w|-rescaled 
 θ = 0.9, GSAM α = 0.1. SANER's α reaches 0.5 after a linear warm-up over the first quarter of
 training (the paper: 50 of 200 epochs).
 
-Outputs (``--out``, default ``results/label_noise[/<preset>]``): ``config.json``,
-``runs/*.json`` (one per run, full per-epoch history), ``summary.json`` (every run without its
-history), ``table.md``, ``test_accuracy.png``, ``memorization.png``, ``accuracy_vs_noise.png``,
-``masked_fraction.png``.
+Outputs (``--out``, default ``runs/label_noise/<preset>/``, ignored by git; the README's
+results are the stored runs ``--out results/label_noise`` and ``results/label_noise/main``):
+``config.json``, ``runs/*.json`` (one per run, full per-epoch history), ``summary.json`` (every
+run with its history; enough for ``--report``), ``table.md``, ``test_accuracy.png``,
+``memorization.png``, ``accuracy_vs_noise.png``, ``masked_fraction.png``.
 
     python experiments/label_noise.py --preset main
-    python experiments/label_noise.py --preset default
+    python experiments/label_noise.py --preset default --out results/label_noise
+    python experiments/label_noise.py --out results/label_noise --report   # redraw only
     python experiments/label_noise.py --preset cifar10 --data_dir ~/tensorflow_datasets
 """
 
@@ -116,7 +118,41 @@ DEFAULT: dict[str, Any] = {
     "checkpoint_dir": None,
     "checkpoint_every": 0,
     "reuse": True,
-    "out": "results/label_noise",
+    "out": None,
+}
+
+# What each config key means, for --help (the default of the chosen preset is added).
+HELP = {
+    "dataset": "mnist1d or digits (offline), or a TFDS name such as cifar10 (needs --data_dir)",
+    "data_dir": "folder prepared with `tfds build` for the TFDS datasets",
+    "model": "model name of sharpjax.models.get_model (cnn1d, lenet, mlp, resnet18, ...)",
+    "model_kwargs": "JSON keyword arguments of the model, e.g. '{\"hidden_sizes\": [64]}'",
+    "augment": "random crop + flip of 32x32 images",
+    "optimizers": "optimizers run under every noise setting (sgd sam asam vasso saner "
+    "saner_vasso saner_asam gsam msam)",
+    "extra_optimizers": "optimizers run only under the settings of --extra_noise",
+    "extra_noise": "noise settings of the extra optimizers",
+    "noise": "label-noise settings KIND:RATE, KIND symmetric or asymmetric (pair flip)",
+    "seeds": "seeds; one seed fixes the noisy labels, the initialisation and the batch order",
+    "epochs": "training epochs per run",
+    "batch_size": "training batch size",
+    "learning_rate": "peak learning rate of SGD (the base optimizer of every method)",
+    "momentum": "SGD momentum",
+    "weight_decay": "decoupled weight decay",
+    "lr_schedule": "learning-rate schedule: cosine or constant",
+    "rho": "perturbation radius of SAM, VaSSO, SANER, SANER on VaSSO and GSAM",
+    "asam_rho": "perturbation radius of ASAM (on the |w|-rescaled scale)",
+    "theta": "VaSSO's averaging weight θ of the current gradient",
+    "saner_alpha": "SANER's down-weighting factor α after its warm-up",
+    "saner_warmup_epochs": "epochs over which SANER's α goes linearly from 1 to saner_alpha",
+    "gsam_alpha": "GSAM's ascent coefficient α",
+    "max_steps_per_epoch": "cap on the steps of an epoch (None: the whole training set)",
+    "progress": "the trainer's own per-epoch bar and lines (for long runs; the overall bar "
+    "over all runs is always shown)",
+    "checkpoint_dir": "folder for per-run orbax checkpoints, so an interrupted job resumes",
+    "checkpoint_every": "epochs between checkpoints (0: none)",
+    "reuse": "reuse a finished run stored in OUT/runs/ when its config is identical",
+    "out": "output folder",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -127,8 +163,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "extra_optimizers": [],
         "noise": ["symmetric:0.4"],
         "seeds": [0, 1, 2],
-        "progress": True,
-        "out": "results/label_noise/main",
+        "out": None,
     },
     "digits": {
         **DEFAULT,
@@ -138,7 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 0.05,
         "epochs": 40,
         "saner_warmup_epochs": 10,
-        "out": "results/label_noise/digits",
+        "out": None,
     },
     "cifar10": {
         **DEFAULT,
@@ -157,7 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_dir": "~/sharpjax_checkpoints/label_noise_cifar10",
         "checkpoint_every": 10,
         "progress": True,
-        "out": "results/label_noise/cifar10",
+        "out": None,
     },
     "tiny": {
         **DEFAULT,
@@ -174,14 +209,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "saner_warmup_epochs": 1,
         "max_steps_per_epoch": 3,
         "reuse": False,
-        "out": "results/label_noise/tiny",
+        "out": None,
     },
 }
 PRESETS["cifar100"] = {
     **PRESETS["cifar10"],
     "dataset": "cifar100",
     "checkpoint_dir": "~/sharpjax_checkpoints/label_noise_cifar100",
-    "out": "results/label_noise/cifar100",
+    "out": None,
 }
 
 
@@ -296,6 +331,15 @@ def summarise(result, wall_seconds: float) -> dict[str, Any]:
     }
 
 
+def _result_line(record: dict[str, Any]) -> str:
+    memorisation = record["final_memorization"]
+    return (
+        f"best {100 * record['best_test_accuracy']:.1f}%, final "
+        f"{100 * record['final_test_accuracy']:.1f}%, memorisation "
+        + (f"{100 * memorisation:.1f}%" if memorisation is not None else "—")
+    )
+
+
 def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
     """Trains every run of the grid (skipping stored identical runs when ``reuse``)."""
     from sharpjax.data import load_dataset
@@ -303,18 +347,20 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
 
     grid = run_grid(config)
     loaded: tuple[Any, Any] = (None, None)  # ((setting, seed), Dataset)
+    progress = common.RunProgress(len(grid), f"label noise, {config['dataset']}")
+    compiled: set[str] = set()  # optimizers whose step this process has compiled
     runs = []
-    for index, (opt, setting, seed) in enumerate(grid, 1):
+    for opt, setting, seed in grid:
         tc = train_config(config, opt, setting, seed)
         run_config = {k: v for k, v in tc.to_dict().items() if k not in ("progress", "workdir")}
         path = os.path.join(out, "runs", f"{run_id(opt, setting, seed)}.json")
-        header = f"[{index}/{len(grid)}] {NAMES.get(opt, opt)}, {noise_label(setting)}, seed {seed}"
+        name = f"{NAMES.get(opt, opt)}, {noise_label(setting)}, seed {seed}"
         cached = common.load_cached_run(path, run_config) if config["reuse"] else None
         if cached is not None:
-            print(f"{header}: stored run reused ({path})", flush=True)
+            progress.reused(f"{name}: {_result_line(cached)}")
             runs.append({**cached, "reused": True})
             continue
-        print(header, flush=True)
+        progress.start(name, compiling=opt not in compiled)
         if loaded[0] != (setting, seed):  # runs are ordered by (setting, seed): keep one
             kind, rate = parse_noise(setting)
             dataset = load_dataset(
@@ -327,6 +373,7 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
             loaded = ((setting, seed), dataset)
         watch = common.Stopwatch()
         result = train(tc, loaded[1])
+        compiled.add(opt)
         record = {
             "id": run_id(opt, setting, seed),
             "optimizer": opt,
@@ -338,17 +385,8 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
         record = common.jsonable(record)
         common.write_json(path, record)
         runs.append(record)
-        print(
-            f"{header}: best {100 * record['best_test_accuracy']:.1f}%, final "
-            f"{100 * record['final_test_accuracy']:.1f}%, memorisation "
-            + (
-                f"{100 * record['final_memorization']:.1f}%"
-                if record["final_memorization"] is not None
-                else "—"
-            )
-            + f" ({record['wall_seconds']:.0f} s)",
-            flush=True,
-        )
+        progress.finish(f"{name}: {_result_line(record)} ({record['wall_seconds']:.0f} s)")
+    progress.close()
     return runs
 
 
@@ -439,7 +477,12 @@ def _curves(runs, key):
     return epochs, curves
 
 
-def _per_setting_plot(config, runs, key, settings, ylabel, path) -> str | None:
+def _setup(config: dict[str, Any]) -> str:
+    """``"mnist1d, cnn1d, 30 epochs"``: what a plot's title names."""
+    return f"{config['dataset']}, {config['model']}, {config['epochs']} epochs"
+
+
+def _per_setting_plot(config, runs, key, settings, metric, path) -> str | None:
     if not settings:
         return None
     fig, axes = common.subplot_grid(len(settings))
@@ -450,49 +493,53 @@ def _per_setting_plot(config, runs, key, settings, ylabel, path) -> str | None:
                 continue
             epochs, curves = _curves(selected, key)
             common.plot_band(ax, epochs, curves, label=NAMES.get(opt, opt))
-        ax.set_title(noise_label(setting))
+        ax.set_title(f"label noise: {noise_label(setting)}", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(f"{metric} (%)")
+        common.percent_axis(ax)
         ax.grid(alpha=0.3)
-    common.figure_legend(fig, axes)
-    return common.save_figure(fig, path)
+    common.figure_legend(fig, axes, note=common.band_note(len(config["seeds"])))
+    return common.save_figure(fig, path, title=f"{metric[0].upper()}{metric[1:]}: {_setup(config)}")
 
 
 def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> list[str]:
     """Accuracy and memorisation curves per noise setting, accuracy against noise rate, and
-    SANER's masked fraction; returns the PNG paths."""
+    SANER's masked fraction; returns the PNG paths. The curves need per-epoch histories and
+    are skipped for a stored summary without them."""
     settings = list(config["noise"])
     noisy = [s for s in settings if parse_noise(s)[1] > 0]
-    paths = [
-        _per_setting_plot(
-            config,
-            runs,
-            "test_accuracy",
-            settings,
-            "test accuracy",
-            os.path.join(out, "test_accuracy.png"),
-        ),
-        _per_setting_plot(
-            config,
-            runs,
-            "memorization",
-            noisy,
-            "memorisation of noisy labels",
-            os.path.join(out, "memorization.png"),
-        ),
-    ]
-    saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
-    if saner:
-        paths.append(
+    paths = []
+    if common.have_histories(runs):
+        paths += [
             _per_setting_plot(
-                {**config, "optimizers": saner, "extra_optimizers": []},
+                config,
                 runs,
-                "masked_fraction",
+                "test_accuracy",
                 settings,
-                "SANER masked fraction",
-                os.path.join(out, "masked_fraction.png"),
+                "test accuracy",
+                os.path.join(out, "test_accuracy.png"),
+            ),
+            _per_setting_plot(
+                config,
+                runs,
+                "memorization",
+                noisy,
+                "memorisation of the noisy training labels",
+                os.path.join(out, "memorization.png"),
+            ),
+        ]
+        saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
+        if saner:
+            paths.append(
+                _per_setting_plot(
+                    {**config, "optimizers": saner, "extra_optimizers": []},
+                    runs,
+                    "masked_fraction",
+                    settings,
+                    "SANER's masked fraction of gradient elements",
+                    os.path.join(out, "masked_fraction.png"),
+                )
             )
-        )
 
     # Final and best test accuracy against the symmetric noise rate (needs two rates or more).
     symmetric = [s for s in settings if parse_noise(s)[0] in ("none", "symmetric")]
@@ -511,13 +558,22 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
             if not points:
                 continue
             xs, ms, sds = map(np.asarray, zip(*points, strict=True))
-            ax.errorbar(100 * xs, ms, yerr=sds, marker="o", capsize=3, label=NAMES.get(opt, opt))
+            ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=NAMES.get(opt, opt))
         ax.set_xlabel("symmetric label noise (%)")
-        ax.set_ylabel(f"{title} test accuracy")
-        ax.set_title(f"{title} test accuracy (mean ± std)")
+        ax.set_ylabel(f"{title} test accuracy (%)")
+        common.percent_axis(ax, "x")
+        common.percent_axis(ax)
+        ax.set_title(f"{title} test accuracy", fontsize=10)
         ax.grid(alpha=0.3)
-    common.figure_legend(fig, axes)
-    paths.append(common.save_figure(fig, os.path.join(out, "accuracy_vs_noise.png")))
+    seeds = len(config["seeds"])
+    common.figure_legend(fig, axes, note=f"error bars: mean ± 1 std over {seeds} seeds")
+    paths.append(
+        common.save_figure(
+            fig,
+            os.path.join(out, "accuracy_vs_noise.png"),
+            title=f"Test accuracy against symmetric label noise: {_setup(config)}",
+        )
+    )
     return [p for p in paths if p]
 
 
@@ -529,7 +585,14 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the experiment; returns ``{"config", "runs", "table", "plots", "out"}``."""
     return common.run_experiment(
-        argv, PRESETS, __doc__.splitlines()[0], run_all, make_tables, make_plots
+        argv,
+        PRESETS,
+        common.plain_text(__doc__),
+        run_all,
+        make_tables,
+        make_plots,
+        help=HELP,
+        experiment=EXPERIMENT,
     )
 
 

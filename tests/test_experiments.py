@@ -76,11 +76,55 @@ def test_parse_config_presets_and_overrides():
         ["--a", "3", "--b", "4", "5", "--d", "7", "--e", "false", "--f=2"], presets, "t"
     )
     assert config == {"a": 3, "b": [4, 5], "c": "x", "d": 7, "e": False, "f": 2.0,
-                      "preset": "default"}  # fmt: skip
+                      "preset": "default", "report": False}  # fmt: skip
     with pytest.raises(SystemExit):
         common.parse_config(["--nope", "1"], presets, "t")
     with pytest.raises(SystemExit):
         common.parse_config(["--preset", "missing"], presets, "t")
+
+
+def test_parse_config_default_out_and_help(monkeypatch, tmp_path, capsys):
+    presets = {"default": {"a": 1, "out": None}, "other": {"a": 2, "out": None}}
+    help = {"a": "the number of apples", "out": "output folder"}
+    monkeypatch.setenv("SHARPJAX_RUNS", str(tmp_path))
+    config = common.parse_config(["--preset", "other"], presets, "t", help=help, experiment="e")
+    assert config["out"] == os.path.join(str(tmp_path), "e", "other")
+    monkeypatch.delenv("SHARPJAX_RUNS")
+    config = common.parse_config([], presets, "t", help=help, experiment="e")
+    assert config["out"] == os.path.join(common.REPO_ROOT, "runs", "e", "default")
+    # an explicit --out is a string even when it looks like a number
+    assert common.parse_config(["--out", "7"], presets, "t", help=help)["out"] == "7"
+    with pytest.raises(ValueError, match="no help text"):
+        common.parse_config([], presets, "t", help={"a": "apples"})
+    with pytest.raises(SystemExit):
+        common.parse_config(["--help"], presets, "t", help=help, experiment="e")
+    text = capsys.readouterr().out
+    assert "the number of apples (default: 1)" in text and "--report" in text
+
+
+def test_runs_directory_is_ignored_by_git():
+    """The default output folder of every experiment must not dirty the checkout."""
+    import subprocess
+
+    probe = os.path.join(common.default_out("label_noise", "main"), "table.md")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", probe], cwd=common.REPO_ROOT, check=False
+    ).returncode
+    assert ignored == 0, f"{probe} is not ignored by git"
+
+
+@pytest.mark.parametrize("module", ["label_noise", "noisy_training", "sharpness_generalization"])
+def test_every_config_key_has_help(module, capsys):
+    script = sys.modules[module]
+    for name, preset in script.PRESETS.items():
+        assert set(preset) <= set(script.HELP), (module, name, set(preset) - set(script.HELP))
+        assert preset["out"] is None, (module, name)  # default: the ignored runs/ folder
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text  # plain text, not reST
+    for key in script.PRESETS["default"]:
+        assert f"--{key}" in text
 
 
 def test_mean_std_and_table():
@@ -118,7 +162,8 @@ def test_label_noise_tiny(tmp_path):
         if run["optimizer"] == "saner":
             assert 0.0 < run["mean_masked_fraction"] < 1.0
     summary = common.read_json(os.path.join(out, "summary.json"))
-    assert len(summary["runs"]) == expected_runs and "history" not in summary["runs"][0]
+    assert len(summary["runs"]) == expected_runs and "run_config" not in summary["runs"][0]
+    assert all(len(r["history"]) == config["epochs"] for r in summary["runs"])
 
     table = read_text(os.path.join(out, "table.md"))
     final = table_rows(table, "## Final test accuracy")
@@ -137,6 +182,25 @@ def test_label_noise_tiny(tmp_path):
         "masked_fraction.png",
         "accuracy_vs_noise.png",
     }
+
+    # --report redraws from summary.json alone: the same table, the same plots, no training
+    # (the stored runs are removed first, so nothing could be reused from them).
+    for name in run_files:
+        os.remove(os.path.join(out, "runs", name))
+    os.remove(os.path.join(out, "table.md"))
+    for path in result["plots"]:
+        os.remove(path)
+    again = label_noise.main(["--out", out, "--report"])
+    assert read_text(os.path.join(out, "table.md")) == table
+    assert again["config"]["preset"] == "tiny"  # the stored config, not the default preset
+    assert sorted(again["plots"]) == sorted(result["plots"])
+    check_pngs(again["plots"], out)
+    assert os.listdir(os.path.join(out, "runs")) == []
+
+
+def test_report_without_summary_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        label_noise.main(["--out", str(tmp_path), "--report"])
 
 
 def test_label_noise_presets_are_valid_configs():
