@@ -1,6 +1,6 @@
 """Training under added noise: SGD, SAM and noise-resistant SAM (the privacy setting).
 
-Seed claim tested (Su, Jin & Wang, Neural Networks 181, 2024; /work/shared/seeds): "additive
+Claim tested (Su, Jin & Wang, Neural Networks 181, 2024; see docs/algorithms.md): "additive
 noises would inevitably degrade the generalization and robustness of the model"; the
 noise-resistant SAM (SAM followed by integral feedback, ``sharpjax.noise_resistant``) keeps
 better accuracy than SAM when noise is added to the model. Three disturbances, each over a
@@ -31,9 +31,12 @@ Presets (``--preset NAME``; any key can be overridden, e.g. ``--seeds 0 1 2 --mu
 Noise-resistant SAM's μ is UNVERIFIED in the library (``sharpjax.noise_resistant``): the paper's
 value could not be read; ``mu`` sets it (a list runs one row per value).
 
-Outputs (``--out``, default ``results/noisy_training``): ``config.json``, ``runs/*.json``
-(one per run, with its per-epoch history), ``summary.json`` (every run without its history),
-``table.md``, ``accuracy_vs_noise.png``, ``bias_curves.png``.
+Outputs (``--out``, default ``runs/noisy_training/<preset>/``, ignored by git; the README's
+results are the stored run ``--out results/noisy_training``): ``config.json``, ``runs/*.json``
+(one per run, with its per-epoch history), ``summary.json`` (every run with its history;
+enough for ``--report``), ``table.md``, ``accuracy_vs_noise.png``, ``bias_curves.png``.
+
+    python experiments/noisy_training.py --preset default --out results/noisy_training
 """
 
 from __future__ import annotations
@@ -78,7 +81,31 @@ DEFAULT: dict[str, Any] = {
     "max_steps_per_epoch": None,
     "progress": False,
     "reuse": True,
-    "out": "results/noisy_training",
+    "out": None,
+}
+
+# What each config key means, for --help (the default of the chosen preset is added).
+HELP = {
+    "dataset": "digits or mnist1d (offline)",
+    "model": "model name of sharpjax.models.get_model (mlp, cnn1d, lenet, ...)",
+    "model_kwargs": "JSON keyword arguments of the model",
+    "optimizers": "methods: sgd, sam, noise_resistant_sam (one row per value of --mu)",
+    "mu": "noise-resistant SAM's integral-feedback gain μ (one row per value)",
+    "rho": "SAM's perturbation radius (also inside noise-resistant SAM)",
+    "grad_noise_std": "scales of the Gaussian noise added to every gradient",
+    "param_noise_std": "scales of the Gaussian noise added to the parameters after each step",
+    "param_bias": "constants added to every parameter after each step",
+    "seeds": "seeds; one seed fixes the initialisation, the batch order and the noise draws",
+    "epochs": "training epochs per run",
+    "batch_size": "training batch size",
+    "learning_rate": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "decoupled weight decay",
+    "lr_schedule": "learning-rate schedule: constant or cosine",
+    "max_steps_per_epoch": "cap on the steps of an epoch (None: the whole training set)",
+    "progress": "the trainer's own per-epoch bar and lines (the overall bar is always shown)",
+    "reuse": "reuse a finished run stored in OUT/runs/ when its config is identical",
+    "out": "output folder",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -92,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 0.05,
         "epochs": 30,
         "seeds": [0, 1, 2],
-        "out": "results/noisy_training/mnist1d",
+        "out": None,
     },
     "tiny": {
         **DEFAULT,
@@ -105,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 2,
         "max_steps_per_epoch": 3,
         "reuse": False,
-        "out": "results/noisy_training/tiny",
+        "out": None,
     },
 }
 
@@ -191,18 +218,22 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
         for name, scale in settings(config)
         for opt, mu in methods(config)
     ]
+    progress = common.RunProgress(len(grid), f"noisy training, {config['dataset']}")
     runs = []
-    for index, (opt, mu, name, scale, seed) in enumerate(grid, 1):
+    for opt, mu, name, scale, seed in grid:
         tc = train_config(config, opt, mu, name, scale, seed)
         run_config = {k: v for k, v in tc.to_dict().items() if k not in ("progress", "workdir")}
         rid = run_id(opt, mu, name, scale, seed)
         path = os.path.join(out, "runs", f"{rid}.json")
-        header = f"[{index}/{len(grid)}] {method_label(opt, mu)}, {setting_label(name, scale)}, "
-        header += f"seed {seed}"
+        header = f"{method_label(opt, mu)}, {setting_label(name, scale)}, seed {seed}"
         cached = common.load_cached_run(path, run_config) if config["reuse"] else None
         if cached is not None:
+            accuracy = 100 * (cached["final_test_accuracy"] or 0)
+            progress.reused(f"{header}: final test accuracy {accuracy:.1f}%")
             runs.append({**cached, "reused": True})
             continue
+        # Every run compiles its own step: the noise scale and the seed are constants of it.
+        progress.start(header, compiling=True)
         watch = common.Stopwatch()
         result = train(tc, dataset)
         history = [{k: h.get(k) for k in HISTORY_KEYS} for h in result.history]
@@ -230,11 +261,11 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
         )
         common.write_json(path, record)
         runs.append(record)
-        print(
+        progress.finish(
             f"{header}: final test accuracy {100 * (record['final_test_accuracy'] or 0):.1f}% "
-            f"({record['wall_seconds']:.1f} s)",
-            flush=True,
+            f"({record['wall_seconds']:.1f} s)"
         )
+    progress.close()
     return runs
 
 
@@ -257,7 +288,8 @@ def _select(runs, opt, mu, name, scale):
 def last_epochs_accuracy(run: dict[str, Any], k: int = LAST_EPOCHS) -> float | None:
     """Mean test accuracy over the last ``k`` evaluated epochs (less noisy than the last one
     under a constant learning rate)."""
-    tests = [h["test_accuracy"] for h in run["history"] if h["test_accuracy"] is not None]
+    history = run.get("history") or []  # summaries written before histories were kept
+    tests = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
     return float(np.mean(tests[-k:])) if tests else None
 
 
@@ -343,8 +375,17 @@ def make_tables(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _setup(config: dict[str, Any]) -> str:
+    """``"digits, mlp, 40 epochs, constant lr 0.05"``: what a plot's title names."""
+    return (
+        f"{config['dataset']}, {config['model']}, {config['epochs']} epochs, "
+        f"constant lr {config['learning_rate']:g}"
+    )
+
+
 def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> list[str]:
-    """Final accuracy against each disturbance's scale; test accuracy curves under bias."""
+    """Final accuracy against each disturbance's scale; test accuracy curves under bias (when
+    the runs carry their histories)."""
     paths = []
     fig, axes = common.subplot_grid(len(DISTURBANCES), ncols=3)
     for ax, name in zip(axes, DISTURBANCES, strict=True):
@@ -366,14 +407,21 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
             )
             ax.set_xticks(np.arange(len(xs)), [f"{x:g}" for x in xs])
         ax.set_xlabel(DISTURBANCE_LABELS[name])
-        ax.set_ylabel("final test accuracy")
+        ax.set_ylabel("final test accuracy (%)")
+        common.percent_axis(ax)
         ax.grid(alpha=0.3)
-    common.figure_legend(fig, axes)
-    fig.suptitle("Final test accuracy against the disturbance (mean ± std over seeds)")
-    paths.append(common.save_figure(fig, os.path.join(out, "accuracy_vs_noise.png")))
+    seeds = len(config["seeds"])
+    common.figure_legend(fig, axes, note=f"error bars: mean ± 1 std over {seeds} seeds")
+    paths.append(
+        common.save_figure(
+            fig,
+            os.path.join(out, "accuracy_vs_noise.png"),
+            title=f"Final test accuracy against added noise: {_setup(config)}",
+        )
+    )
 
     biases = config["param_bias"]
-    if biases:
+    if biases and common.have_histories(runs):
         fig, axes = common.subplot_grid(len(biases))
         for ax, scale in zip(axes, biases, strict=False):
             for opt, mu in methods(config):
@@ -383,19 +431,33 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                 epochs = [h["epoch"] for h in selected[0]["history"]]
                 curves = [[h["test_accuracy"] for h in r["history"]] for r in selected]
                 common.plot_band(ax, epochs, curves, label=method_label(opt, mu))
-            ax.set_title(f"bias b={scale:g} per step")
+            ax.set_title(f"bias b={scale:g} added per step", fontsize=10)
             ax.set_xlabel("epoch")
-            ax.set_ylabel("test accuracy")
+            ax.set_ylabel("test accuracy (%)")
+            common.percent_axis(ax)
             ax.grid(alpha=0.3)
-        common.figure_legend(fig, axes)
-        paths.append(common.save_figure(fig, os.path.join(out, "bias_curves.png")))
+        common.figure_legend(fig, axes, note=common.band_note(len(config["seeds"])))
+        paths.append(
+            common.save_figure(
+                fig,
+                os.path.join(out, "bias_curves.png"),
+                title=f"Test accuracy under a constant parameter bias: {_setup(config)}",
+            )
+        )
     return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the experiment; returns ``{"config", "runs", "table", "plots", "out"}``."""
     return common.run_experiment(
-        argv, PRESETS, __doc__.splitlines()[0], run_all, make_tables, make_plots
+        argv,
+        PRESETS,
+        common.plain_text(__doc__),
+        run_all,
+        make_tables,
+        make_plots,
+        help=HELP,
+        experiment=EXPERIMENT,
     )
 
 

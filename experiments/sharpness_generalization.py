@@ -1,6 +1,6 @@
-"""Sharpness against generalization, and scale invariance (Minimum Sharpness, seed 003).
+"""Sharpness against generalization, and scale invariance (Minimum Sharpness).
 
-Seed claim tested (Ibayashi, Hamaguchi & Imaizumi, arXiv 2106.12612): Minimum Sharpness, the
+Claim tested (Ibayashi, Hamaguchi & Imaizumi, arXiv 2106.12612): Minimum Sharpness, the
 Hessian trace minimised over the function-preserving rescalings of a ReLU network, is
 scale-invariant and "has a valid correlation with the generalization of NNs", where the
 plain trace can be moved arbitrarily by a rescaling that does not change the function.
@@ -39,7 +39,8 @@ Presets (``--preset NAME``; override any key, e.g. ``--label_fractions 0 0.5 1``
   diagonal then costs ~30x more per network: 35 min for 60 networks here.)
 * ``tiny``: seconds, for the tests.
 
-Outputs (``--out``, default ``results/sharpness_generalization``): ``config.json``,
+Outputs (``--out``, default ``runs/sharpness_generalization/<preset>/``, ignored by git; the
+README's results are the stored run ``--out results/sharpness_generalization``): ``config.json``,
 ``runs/*.json`` (one per network: hyper-parameters, accuracies, gaps, measures before and
 after the rescalings), ``summary.json``, ``table.md``, ``measures_vs_gap.png``,
 ``scale_invariance.png``.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import sys
 from typing import Any
@@ -97,7 +99,34 @@ DEFAULT: dict[str, Any] = {
     "rescale_std": 1.0,
     "progress": False,
     "reuse": True,
-    "out": "results/sharpness_generalization",
+    "out": None,
+}
+
+# What each config key means, for --help (the default of the chosen preset is added).
+HELP = {
+    "dataset": "digits or mnist1d (offline)",
+    "label_fractions": "fractions of training examples whose labels are shuffled among them",
+    "widths": "widths of the hidden layers",
+    "depth": "number of hidden layers",
+    "learning_rates": "peak SGD learning rates",
+    "seeds": "seeds; one seed fixes the shuffled labels, the initialisation and batch order",
+    "epochs": "training epochs per network",
+    "batch_size": "training batch size",
+    "momentum": "SGD momentum",
+    "weight_decay": "decoupled weight decay",
+    "lr_schedule": "learning-rate schedule: cosine or constant",
+    "eval_every": "epochs between test evaluations",
+    "max_steps_per_epoch": "cap on the steps of an epoch (None: the whole training set)",
+    "hutchinson_samples": "Hutchinson probes of the trace estimate (a cross-check of the exact "
+    "trace)",
+    "lanczos_iterations": "Lanczos iterations of the top eigenvalue",
+    "adaptive_rho": "radius ρ of worst-case adaptive sharpness",
+    "adaptive_steps": "ascent steps of worst-case adaptive sharpness",
+    "measure_examples": "training examples the measures use (None: all)",
+    "rescale_std": "std of the log-scales of the random function-preserving rescalings",
+    "progress": "the trainer's own per-epoch bar and lines (the overall bar is always shown)",
+    "reuse": "reuse a finished network stored in OUT/runs/ when its config is identical",
+    "out": "output folder",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -116,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adaptive_steps": 3,
         "measure_examples": 200,
         "reuse": False,
-        "out": "results/sharpness_generalization/tiny",
+        "out": None,
     },
 }
 
@@ -342,28 +371,37 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
     base = load_dataset(config["dataset"])
     grid = network_grid(config)
     keys = [k for k in DEFAULT if k not in ("progress", "reuse", "out")]
+    progress = common.RunProgress(len(grid), "sharpness vs generalization")
+    compiled: set[int] = set()  # widths whose programs this process has compiled
     runs = []
-    for index, h in enumerate(grid, 1):
+    for h in grid:
         run_config = {**{k: config[k] for k in keys}, **h}
         path = os.path.join(out, "runs", f"{run_id(h)}.json")
+        name = (
+            f"shuffled {h['label_fraction']:g}, width {h['width']}, "
+            f"lr {h['learning_rate']:g}, seed {h['seed']}"
+        )
         cached = common.load_cached_run(path, run_config) if config["reuse"] else None
         if cached is not None:
+            progress.reused(name)
             runs.append({**cached, "reused": True})
             continue
+        # The widths differ in their programs; the first network of a width compiles.
+        progress.start(name, compiling=h["width"] not in compiled)
         record = train_and_measure(config, h, base)
         record = common.jsonable({**record, "run_config": run_config}, digits=9)
         common.write_json(path, record)
         runs.append(record)
         m = record["measures"]["original"]
-        print(
-            f"[{index}/{len(grid)}] shuffled {h['label_fraction']:g}, width {h['width']}, "
-            f"lr {h['learning_rate']:g}, seed {h['seed']}: "
+        progress.finish(
+            f"{name}: "
             f"train {100 * record['train_accuracy']:.1f}%, "
             f"test {100 * record['test_accuracy']:.1f}%, trace {m['trace']:.3g}, "
             f"MinSharp layer {m['min_sharpness_layer']:.3g} node {m['min_sharpness_node']:.3g} "
-            f"({record['train_seconds']:.0f} s + {record['measure_seconds']:.0f} s)",
-            flush=True,
+            f"({record['train_seconds']:.0f} s + {record['measure_seconds']:.0f} s)"
         )
+        compiled.add(h["width"])
+    progress.close()
     return runs
 
 
@@ -550,6 +588,14 @@ def make_tables(config, runs, correlations, invariance) -> str:
     )
 
 
+def _setup(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """``"digits, 90 ReLU MLPs (2 hidden layers), 150 epochs"``: what a plot's title names."""
+    return (
+        f"{config['dataset']}, {len(runs)} ReLU MLPs ({config['depth']} hidden layers), "
+        f"{config['epochs']} epochs"
+    )
+
+
 def make_plots(config, runs, out: str, correlations, invariance) -> list[str]:
     """Scatter of every measure against the accuracy gap (τ in the title), and the
     before/after-rescaling scatter of trace and Minimum Sharpness."""
@@ -589,23 +635,32 @@ def make_plots(config, runs, out: str, correlations, invariance) -> list[str]:
         plt.Line2D([], [], marker=markers[w], ls="", color="grey", label=f"width {w}")
         for w in widths
     ]
+    handles += [
+        plt.Line2D(
+            [], [], marker="o", ls="", color="w", markeredgecolor="k", label=f"lr {lr:g}",
+            markersize=math.sqrt(area),
+        )
+        for lr, area in size.items()
+    ]  # fmt: skip
     fig.legend(
         handles=handles,
         loc="upper center",
         bbox_to_anchor=(0.5, 0.0),
-        ncol=len(handles),
-        fontsize=7,
+        ncol=min(len(handles), 6),
+        fontsize=9,
         frameon=False,
     )
-    fig.suptitle(
-        "Generalization gap against each measure (colour: shuffled-label fraction; marker: "
-        f"width; size: learning rate {', '.join(f'{lr:g}' for lr in size)})",
-        fontsize=9,
-    )
-    paths = [common.save_figure(fig, os.path.join(out, "measures_vs_gap.png"))]
+    setup = _setup(config, runs)
+    paths = [
+        common.save_figure(
+            fig,
+            os.path.join(out, "measures_vs_gap.png"),
+            title=f"Generalization gap against each sharpness measure: {setup}",
+        )
+    ]
 
     shown = ("trace", "min_sharpness_layer", "min_sharpness_node", "top_eigenvalue")
-    fig, axes = common.subplot_grid(len(shown), ncols=4, size=3.2)
+    fig, axes = common.subplot_grid(len(shown), ncols=4, size=3.6)
     for ax, measure in zip(axes, shown, strict=True):
         before = [r["measures"]["original"][measure] for r in runs]
         for kind, mark in (("layer_rescaled", "o"), ("node_rescaled", "x")):
@@ -619,8 +674,14 @@ def make_plots(config, runs, out: str, correlations, invariance) -> list[str]:
         ax.set_xlabel("before")
         ax.set_ylabel("after rescaling")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    paths.append(common.save_figure(fig, os.path.join(out, "scale_invariance.png")))
+    common.figure_legend(fig, axes, note=None)
+    paths.append(
+        common.save_figure(
+            fig,
+            os.path.join(out, "scale_invariance.png"),
+            title=f"Measures before and after a function-preserving rescaling: {setup}",
+        )
+    )
     return paths
 
 
@@ -630,12 +691,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return common.run_experiment(
         argv,
         PRESETS,
-        __doc__.splitlines()[0],
+        common.plain_text(__doc__),
         run_all,
         make_tables,
         make_plots,
         analyse=lambda runs: {"correlations": correlations(runs), "invariance": invariance(runs)},
         seconds=lambda r: r["train_seconds"] + r["measure_seconds"],
+        help=HELP,
+        experiment=EXPERIMENT,
     )
 
 
