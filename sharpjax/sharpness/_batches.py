@@ -35,8 +35,22 @@ def _check_iterable(batches: Any, name: str) -> None:
         )
 
 
+class BatchLoss:
+    """``params -> loss_fn(params, batch)``, keeping both parts for operators that need the data
+    (the GGN and Fisher products read ``loss_fn.logits_fn`` and ``batch``)."""
+
+    __slots__ = ("batch", "loss_fn")
+
+    def __init__(self, loss_fn: Callable, batch: PyTree):
+        self.loss_fn = loss_fn
+        self.batch = batch
+
+    def __call__(self, params: PyTree) -> jax.Array:
+        return self.loss_fn(params, self.batch)
+
+
 def _on_batch(fn: Callable, loss_fn: Callable, params: PyTree, batch: PyTree, *operands: Any):
-    return fn(lambda p: loss_fn(p, batch), params, *operands)
+    return fn(BatchLoss(loss_fn, batch), params, *operands)
 
 
 # fn and loss_fn are static so that every batch (and every call with the same functions)

@@ -1,4 +1,8 @@
-"""Hessian-vector products and Hessian trace estimators (Hutchinson, Hutch++)."""
+"""Hessian-vector products and trace estimators (Hutchinson, Hutch++) of H, the GGN or the Fisher.
+
+matfree (0.6) offers Hutchinson and XTrace; ``experiments/bench_matfree.py`` compares them with
+these estimators at the same budget (see :mod:`sharpjax.sharpness.lanczos` for the verdict).
+"""
 
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -9,29 +13,15 @@ from jax.flatten_util import ravel_pytree
 
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
 from sharpjax.sharpness._validate import choice, positive_int
+from sharpjax.sharpness.curvature import Operator, blocks, check_curvature, hvp_rows
+
+__all__ = ["TraceEstimate", "hessian_trace", "hvp", "hvp_rows"]
 
 PyTree = Any
 
 
 def _hvp_tree(loss: Callable, params: PyTree, v: PyTree) -> PyTree:
     return jax.jvp(jax.grad(loss), (params,), (v,))[1]
-
-
-def hvp_rows(loss: Callable, params: PyTree, V: jax.Array) -> jax.Array:
-    """Rows of ``V @ H`` for flat probes ``V`` of shape ``(m, d)``, forward-over-reverse.
-
-    All probes are vectorised at once (memory ∝ m × the batch's activations; stream smaller
-    batches to bound it): on CPU, looping over chunks of probes with lax.map ran convolutional
-    networks 6x slower per HVP than one vmap.
-    """
-    flat, unravel = ravel_pytree(params)
-    grad_flat = jax.grad(lambda x: loss(unravel(x)))
-    return jax.vmap(lambda v: jax.jvp(grad_flat, (flat,), (v,))[1])(V)
-
-
-def quadratic_forms(loss: Callable, params: PyTree, V: jax.Array) -> jax.Array:
-    """``vᵀ H v`` for every row ``v`` of ``V``."""
-    return jnp.sum(V * hvp_rows(loss, params, V), axis=1)
 
 
 def hvp(
@@ -95,56 +85,97 @@ def hessian_trace(
     num_samples: int = 100,
     method: str = "hutchinson",
     *,
+    curvature: str = "hessian",
+    per_layer: bool = False,
     batches: Iterable | None = None,
-) -> TraceEstimate:
-    """Stochastic estimate of the Hessian trace with ``num_samples`` HVPs.
+) -> TraceEstimate | dict[str, TraceEstimate]:
+    """Stochastic estimate of the trace of the Hessian (or GGN, or Fisher) with ``num_samples``
+    matrix-vector products.
 
-    ``"hutchinson"`` (Hutchinson 1989): ``tr(H) ≈ (1/m) Σ_i v_iᵀ H v_i`` with Rademacher
-    ``v_i``; unbiased, variance ``2(‖H‖_F² − Σ_j H_jj²)/m``.
+    ``"hutchinson"`` (Hutchinson 1989): ``tr(C) ≈ (1/m) Σ_i v_iᵀ C v_i`` with Rademacher
+    ``v_i``; unbiased, variance ``2(‖C‖_F² − Σ_j C_jj²)/m``.
 
     ``"hutch++"`` (Meyer, Musco, Musco & Woodruff, SOSA 2021), same budget ``m``: sketch
-    ``Q = qr(H S)`` with ``k = m // 3`` Rademacher columns ``S``, then
-    ``tr(H) ≈ tr(Qᵀ H Q) + (1/r) Σ_i g_iᵀ (I − QQᵀ) H (I − QQᵀ) g_i`` with the remaining
+    ``Q = qr(C S)`` with ``k = m // 3`` Rademacher columns ``S``, then
+    ``tr(C) ≈ tr(Qᵀ C Q) + (1/r) Σ_i g_iᵀ (I − QQᵀ) C (I − QQᵀ) g_i`` with the remaining
     ``r = m − 2k`` probes. The sketch takes the top of the spectrum exactly into account, so
     the error is much lower when the spectrum decays (as for trained networks); it is exact
     once ``k`` reaches the parameter count. Needs ``num_samples >= 3``.
 
     Args:
-      loss_fn: ``loss_fn(params) -> scalar``, or ``loss_fn(params, batch)`` with ``batches``.
+      loss_fn: ``loss_fn(params) -> scalar``, or ``loss_fn(params, batch)`` with ``batches``;
+        for ``curvature="ggn"``/``"fisher"``, ``SoftmaxCrossEntropy(logits_fn)`` with batches.
       params: any pytree.
       key: PRNG key for the probes.
-      num_samples: HVP budget ``m`` (default 100).
+      num_samples: matrix-vector budget ``m`` (default 100), per block with ``per_layer``.
       method: ``"hutchinson"`` (default) or ``"hutch++"``.
+      curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``
+        (:mod:`sharpjax.sharpness.curvature`).
+      per_layer: estimate ``tr(C_bb)`` of each diagonal block, one block per top-level entry of
+        ``params`` (e.g. per flax layer), probes restricted to the block.
       batches: optional iterable of batches; the trace is then that of the example-weighted
-        mean loss (Hutchinson reads the data once, Hutch++ twice).
+        mean loss (Hutchinson reads the data once, Hutch++ twice). For a batch too big for one
+        device, shard it over a mesh or stream it (see :mod:`sharpjax.sharpness`).
 
     Returns:
-      A :class:`TraceEstimate`.
+      A :class:`TraceEstimate`, or ``{block name: TraceEstimate}`` with ``per_layer=True``.
     """
     positive_int("num_samples", num_samples)
     choice("method", method, ("hutchinson", "hutch++"))
+    check_curvature(curvature, loss_fn, batches)
     if method == "hutch++" and num_samples < 3:
         raise ValueError(
             f"hutch++ needs num_samples >= 3 (sketch, its image, residual), got {num_samples}."
         )
-    return evaluate(
-        _hessian_trace, loss_fn, batches, params, key, num_samples=num_samples, method=method
-    )
+    if not per_layer:
+        return evaluate(
+            _hessian_trace,
+            loss_fn,
+            batches,
+            params,
+            key,
+            num_samples=num_samples,
+            method=method,
+            operator=Operator(curvature),
+        )
+    parts = blocks(params)
+    keys = jax.random.split(key, len(parts))
+    return {
+        b.name: evaluate(
+            _hessian_trace,
+            loss_fn,
+            batches,
+            params,
+            k,
+            num_samples=num_samples,
+            method=method,
+            operator=Operator(curvature, (b.start, b.stop)),
+        )
+        for b, k in zip(parts, keys, strict=True)
+    }
 
 
 def _hessian_trace(
-    loss: DatasetLoss, params: PyTree, key: jax.Array, *, num_samples: int, method: str
+    loss: DatasetLoss,
+    params: PyTree,
+    key: jax.Array,
+    *,
+    num_samples: int,
+    method: str,
+    operator: Operator,
 ) -> TraceEstimate:
     flat, _ = ravel_pytree(params)
+    d = flat.size if operator.block is None else operator.block[1] - operator.block[0]
+    quadratic_forms = Operator(operator.curvature, operator.block, quadratic=True)
     if method == "hutchinson":
-        V = jax.random.rademacher(key, (num_samples, flat.size), flat.dtype)
+        V = jax.random.rademacher(key, (num_samples, d), flat.dtype)
         value, std_error = _mean_and_std_error(loss.accumulate(quadratic_forms, params, V))
         return TraceEstimate(value, std_error)
     k = num_samples // 3
     key_s, key_g = jax.random.split(key)
-    S = jax.random.rademacher(key_s, (k, flat.size), flat.dtype)
-    Q = jnp.linalg.qr(loss.accumulate(hvp_rows, params, S).T)[0]
-    G = jax.random.rademacher(key_g, (num_samples - 2 * k, flat.size), flat.dtype)
+    S = jax.random.rademacher(key_s, (k, d), flat.dtype)
+    Q = jnp.linalg.qr(loss.accumulate(operator, params, S).T)[0]
+    G = jax.random.rademacher(key_g, (num_samples - 2 * k, d), flat.dtype)
     G = G - (G @ Q) @ Q.T
     # One pass over the data gives both the sketched trace and the residual probes.
     quads = loss.accumulate(quadratic_forms, params, jnp.concatenate([Q.T, G]))

@@ -1,4 +1,8 @@
-"""Lanczos with full reorthogonalisation: top Hessian eigenvalues and spectral density."""
+"""Lanczos with full reorthogonalisation: top eigenvalues and spectral density (SLQ).
+
+Of the Hessian, the GGN or the empirical Fisher (:mod:`sharpjax.sharpness.curvature`), whole or
+per layer. MATFREE_VERDICT
+"""
 
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -9,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
 from sharpjax.sharpness._validate import positive_int, positive_number
-from sharpjax.sharpness.hvp import hvp_rows
+from sharpjax.sharpness.curvature import Operator, block_subtree, blocks, check_curvature
 
 PyTree = Any
 
@@ -80,8 +84,10 @@ def _krylov_size(params: PyTree, num_iterations: int) -> tuple[int, int]:
     return d, min(num_iterations, d)
 
 
-def _matvec(loss: DatasetLoss, params: PyTree) -> Callable[[jax.Array], jax.Array]:
-    return lambda v: loss.accumulate(hvp_rows, params, v[None])[0]
+def _matvec(
+    loss: DatasetLoss, params: PyTree, operator: Operator
+) -> Callable[[jax.Array], jax.Array]:
+    return lambda v: loss.accumulate(operator, params, v[None])[0]
 
 
 def top_eigenvalues(
@@ -92,9 +98,11 @@ def top_eigenvalues(
     num_iterations: int = 50,
     return_eigenvectors: bool = False,
     *,
+    curvature: str = "hessian",
+    per_layer: bool = False,
     batches: Iterable | None = None,
-) -> jax.Array | tuple[jax.Array, PyTree]:
-    """The ``k`` algebraically largest Hessian eigenvalues by Lanczos, descending.
+) -> jax.Array | tuple[jax.Array, PyTree] | dict[str, Any]:
+    """The ``k`` algebraically largest Hessian (or GGN, or Fisher) eigenvalues by Lanczos.
 
     Lanczos with full reorthogonalisation on the flattened parameter vector
     (``jax.flatten_util.ravel_pytree``): ``num_iterations`` HVPs build the Krylov basis ``V`` and
@@ -110,35 +118,81 @@ def top_eigenvalues(
       k: number of eigenvalues (default 1); at most the parameter count and ``num_iterations``.
       num_iterations: Lanczos steps = HVPs (default 50).
       return_eigenvectors: also return the unit Ritz vectors.
-      batches: optional re-iterable of batches (each Lanczos step reads all of them).
+      curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``; the latter two need
+        ``loss_fn=SoftmaxCrossEntropy(logits_fn)`` and ``batches``
+        (:mod:`sharpjax.sharpness.curvature`).
+      per_layer: the eigenvalues of each diagonal block ``C_bb``, one block per top-level entry
+        of ``params`` (e.g. per flax layer): ``num_iterations`` products per block (clipped to
+        its size).
+      batches: optional re-iterable of batches (each Lanczos step reads all of them). For a
+        batch too big for one device, shard it over a mesh or stream it (see
+        :mod:`sharpjax.sharpness`).
 
     Returns:
       ``eigenvalues`` of shape ``(k,)``, or ``(eigenvalues, eigenvectors)`` where
-      ``eigenvectors`` has the structure of ``params`` with a leading axis of size ``k``.
+      ``eigenvectors`` has the structure of ``params`` with a leading axis of size ``k``. With
+      ``per_layer=True``, ``{block name: that result}``, eigenvectors shaped like the block.
     """
     positive_int("k", k)
-    d, m = _krylov_size(params, num_iterations)
-    if k > d:
-        raise ValueError(f"k={k} exceeds the number of parameters ({d}); pass a smaller k.")
-    if k > m:
-        raise ValueError(f"num_iterations={num_iterations} must be >= k={k}; raise num_iterations.")
-    return evaluate(
-        _top_eigenvalues, loss_fn, batches, params, key, k=k, m=m, vectors=return_eigenvectors
-    )
+    check_curvature(curvature, loss_fn, batches)
+    parts = blocks(params) if per_layer else [None]
+    keys = jax.random.split(key, len(parts)) if per_layer else [key]
+    results = {}
+    for block, block_key in zip(parts, keys, strict=True):
+        sub = params if block is None else block_subtree(params, block)
+        where = "" if block is None else f" of block {block.name!r}"
+        d, m = _krylov_size(sub, num_iterations)
+        if k > d:
+            raise ValueError(
+                f"k={k} exceeds the number of parameters{where} ({d}); pass a smaller k."
+            )
+        if k > m:
+            raise ValueError(
+                f"num_iterations={num_iterations} must be >= k={k}; raise num_iterations."
+            )
+        operator = Operator(curvature, None if block is None else (block.start, block.stop))
+        values = evaluate(
+            _top_eigenvalues,
+            loss_fn,
+            batches,
+            params,
+            block_key,
+            k=k,
+            m=m,
+            vectors=return_eigenvectors,
+            operator=operator,
+        )
+        if return_eigenvectors:
+            values = values[0], jax.vmap(ravel_pytree(sub)[1])(values[1])
+        if block is None:
+            return values
+        results[block.name] = values
+    return results
 
 
 def _top_eigenvalues(
-    loss: DatasetLoss, params: PyTree, key: jax.Array, *, k: int, m: int, vectors: bool
-) -> jax.Array | tuple[jax.Array, PyTree]:
-    flat, unravel = ravel_pytree(params)
-    v0 = jax.random.normal(key, flat.shape, flat.dtype)
-    T, V = _lanczos(_matvec(loss, params), v0, m, loss.fori_loop)
+    loss: DatasetLoss,
+    params: PyTree,
+    key: jax.Array,
+    *,
+    k: int,
+    m: int,
+    vectors: bool,
+    operator: Operator,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    v0 = _start(params, key, operator.block)
+    T, V = _lanczos(_matvec(loss, params, operator), v0, m, loss.fori_loop)
     theta, Y = jnp.linalg.eigh(T)
     eigenvalues = theta[::-1][:k]
     if not vectors:
         return eigenvalues
-    vectors = Y[:, ::-1][:, :k].T @ V
-    return eigenvalues, jax.vmap(unravel)(vectors)
+    return eigenvalues, Y[:, ::-1][:, :k].T @ V
+
+
+def _start(params: PyTree, key: jax.Array, block: tuple[int, int] | None, shape=()) -> jax.Array:
+    flat, _ = ravel_pytree(params)
+    d = flat.size if block is None else block[1] - block[0]
+    return jax.random.normal(key, (*shape, d), flat.dtype)
 
 
 def spectral_density(
@@ -151,9 +205,10 @@ def spectral_density(
     num_points: int = 1000,
     sigma: float | jax.Array | None = None,
     *,
+    curvature: str = "hessian",
     batches: Iterable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ).
+    """Hessian (or GGN, or Fisher) eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
     For each Gaussian probe ``v`` (normalised), ``m`` Lanczos steps give Ritz values ``θ_j`` and
     weights ``τ_j = (e_1ᵀ y_j)²``, a Gauss quadrature of ``vᵀ f(H) v``; the density is their
@@ -173,6 +228,8 @@ def spectral_density(
         that does not cover that range loses the mass outside it.
       num_points: size of the default grid (default 1000).
       sigma: broadening (standard deviation); default 1% of ``θ_max − θ_min``.
+      curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"`` (as in
+        :func:`top_eigenvalues`).
       batches: optional re-iterable of batches (each Lanczos step reads all of them).
 
     Returns:
@@ -182,6 +239,7 @@ def spectral_density(
     positive_int("num_points", num_points)
     if sigma is not None:
         positive_number("sigma", sigma)
+    check_curvature(curvature, loss_fn, batches)
     _, m = _krylov_size(params, num_iterations)
     return evaluate(
         _spectral_density,
@@ -194,6 +252,7 @@ def spectral_density(
         m=m,
         num_probes=num_probes,
         num_points=num_points,
+        operator=Operator(curvature),
     )
 
 
@@ -207,10 +266,10 @@ def _spectral_density(
     m: int,
     num_probes: int,
     num_points: int,
+    operator: Operator,
 ) -> tuple[jax.Array, jax.Array]:
-    flat, _ = ravel_pytree(params)
-    matvec = _matvec(loss, params)
-    probes = jax.random.normal(key, (num_probes, flat.size), flat.dtype)
+    matvec = _matvec(loss, params, operator)
+    probes = _start(params, key, operator.block, (num_probes,))
 
     def quadrature(v0):
         theta, Y = jnp.linalg.eigh(_lanczos(matvec, v0, m, loss.fori_loop)[0])
