@@ -62,6 +62,61 @@ def test_hutchinson_converges(mlp):
     assert errors[600] < 3 * sd
 
 
+def pair_coupled_quadratic(c, b):
+    """``L(w) = ½ Σ_j c_j w_j² + b w_0 w_1``: ``H = diag(c)`` plus ``b`` at (0, 1) and (1, 0).
+
+    For a Rademacher probe, ``vᵀHv = Σ_j c_j v_j² + 2b v_0 v_1 = tr H + 2b s`` with
+    ``s = v_0 v_1 = ±1`` exactly (each ``v_j² = 1``), so Hutchinson's per-probe values take
+    only the two values ``tr H ± 2b``.
+    """
+    c = jnp.asarray(c)
+    return lambda p: 0.5 * jnp.sum(c * p["w"] ** 2) + b * p["w"][0] * p["w"][1]
+
+
+@pytest.mark.parametrize("m", [7, 16])
+def test_hutchinson_is_exact_on_a_diagonal_hessian(x64, m):  # noqa: F811
+    """Every probe gives vᵀHv = tr H: the mean of m equal values is tr H (dividing by m − 1
+    would give tr H · m/(m − 1)), and their sample standard deviation is 0."""
+    c = np.arange(1.0, 11.0) / 3
+    params = {"w": jnp.zeros(10)}
+    estimate = sharpness.hessian_trace(pair_coupled_quadratic(c, 0.0), params, jax.random.key(3), m)
+    np.testing.assert_allclose(estimate.value, c.sum(), rtol=1e-14)
+    assert abs(float(estimate.std_error)) <= 1e-14 * c.sum()
+
+
+@pytest.mark.parametrize("m", [7, 16])
+def test_hutchinson_value_and_std_error_from_two_valued_probes(x64, m):  # noqa: F811
+    """With per-probe values tr H + 2b s_i (s_i = ±1), the estimate must be tr H + 2b s̄ with
+    m s̄ an integer of m's parity, and the standard error the sample std over √m:
+    std_error = 2b √((1 − s̄²)/(m − 1)). A wrong divisor of the mean moves the value off that
+    lattice; a population std (ddof=0) gives a factor √((m − 1)/m)."""
+    c, b = np.linspace(0.5, 3.0, 10), 0.3
+    params = {"w": jnp.zeros(10)}
+    estimate = sharpness.hessian_trace(pair_coupled_quadratic(c, b), params, jax.random.key(5), m)
+    s_mean = (float(estimate.value) - c.sum()) / (2 * b)
+    count = s_mean * m  # Σ s_i = (#agreeing − #disagreeing) probes
+    assert abs(count - round(count)) < 1e-9 and round(count) % 2 == m % 2, count
+    assert abs(round(count)) < m, "all probes agree: pick a key that mixes both signs"
+    s_mean = round(count) / m
+    expected = 2 * b * np.sqrt((1 - s_mean**2) / (m - 1))
+    np.testing.assert_allclose(estimate.std_error, expected, rtol=1e-12)
+
+
+def test_hutchpp_is_exact_when_the_sketch_covers_a_low_rank_hessian(x64):  # noqa: F811
+    """rank H = 3 ≤ k = m // 3: HS spans range(H), so the deflated residual (I − QQᵀ)H(I − QQᵀ)
+    is 0 and tr(QᵀHQ) = tr H, whatever the probes; the residual's std error is 0."""
+    d, rank = 20, 3
+    U = np.random.default_rng(2).normal(size=(d, rank))
+    A = jnp.asarray(U @ np.diag([5.0, 2.0, 0.7]) @ U.T)
+    loss = lambda p: 0.5 * p["w"] @ A @ p["w"]
+    params = {"w": jnp.zeros(d)}
+    for m in (9, 13):  # k = 3 and 4 (a rank-deficient sketch)
+        estimate = sharpness.hessian_trace(loss, params, jax.random.key(m), m, "hutch++")
+        scale = float(np.sum(np.abs(np.linalg.eigvalsh(np.asarray(A)))))
+        np.testing.assert_allclose(estimate.value, np.trace(A), rtol=1e-12)
+        assert abs(float(estimate.std_error)) <= 1e-12 * scale
+
+
 def test_hutchpp_is_exact_once_the_sketch_spans_the_space(mlp):
     net, loss, H = mlp.net, mlp.loss, mlp.H
     budget = 3 * H.shape[0]  # a sketch of d columns
