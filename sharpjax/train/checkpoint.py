@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import warnings
 from typing import Any
 
 import jax
@@ -38,7 +40,34 @@ import orbax.checkpoint as ocp
 from sharpjax.train.config import RUNTIME_FIELDS, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
+# Damaged checkpoints are moved here (not deleted), so that their epoch can be saved again.
+DAMAGED_DIR = "checkpoints_damaged"
 RUN_FILES = ("config.json", "labels.npz", "metrics.jsonl", "result.json")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be restored, or one cannot be written."""
+
+
+def check_writable(directory: str, what: str) -> None:
+    """Creates ``directory`` and writes (then removes) a probe file in it.
+
+    ``os.access`` alone is not enough: it says yes to root on a read-only mount, and a path
+    under a regular file fails only when written.
+
+    Raises:
+      PermissionError: naming ``what``, the path and the cause.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".sharpjax-write-probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"The {what} {directory} cannot be written ({type(e).__name__}: {e.strerror or e}). "
+            "Choose a writable workdir, or fix the permissions, before training."
+        ) from e
 
 
 def config_differences(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -74,10 +103,11 @@ def prepare_workdir(config: TrainConfig) -> bool:
                 f"{workdir} has {', '.join(found)} but no config.json: it was not written by "
                 "sharpjax.train (or is damaged); nothing was changed. Choose another workdir."
             )
-        os.makedirs(workdir, exist_ok=True)
+        check_writable(workdir, "workdir")
         return False
     with open(config_path) as f:
         saved = json.load(f)
+    check_writable(workdir, "workdir")
     finished = os.path.exists(os.path.join(workdir, "result.json"))
     if finished and config.overwrite:
         remove_run(workdir)
@@ -106,6 +136,7 @@ def remove_run(workdir: str) -> None:
         if os.path.exists(path):
             os.remove(path)
     shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(workdir, DAMAGED_DIR), ignore_errors=True)
 
 
 class Checkpointer:
@@ -114,11 +145,20 @@ class Checkpointer:
     ``state`` is a pytree of arrays (params, opt_state, batch_stats, step, rng); ``meta`` is
     JSON (epoch, history, config). Restoring needs a template with the run's structure (a
     freshly initialised state), so optimizer states come back as their own NamedTuples.
+
+    Faults: the directory is checked to be writable on construction; saves are synchronous,
+    so a failed save raises :class:`CheckpointError` at once (orbax's asynchronous saves
+    make a failed save hang the process for minutes at exit); :meth:`restore_latest` skips
+    damaged checkpoints.
     """
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        check_writable(self.directory, "checkpoint directory")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_epoch(self) -> int | None:
@@ -126,15 +166,25 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves and waits until the checkpoint is on disk."""
-        self.manager.save(
-            epoch,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        """Saves and returns once the checkpoint is on disk.
+
+        Raises:
+          CheckpointError: the save failed (the message has the path and the cause).
+        """
+        try:
+            self.manager.save(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:
+            path = os.path.join(self.directory, str(epoch))
+            raise CheckpointError(
+                f"Saving the checkpoint of epoch {epoch} to {path} failed: {type(e).__name__}: {e}"
+            ) from e
 
     def restore(self, epoch: int, template: Any) -> tuple[Any, dict[str, Any]]:
         """The state (with the template's structure, dtypes and shapes) and meta of ``epoch``."""
@@ -145,8 +195,56 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
+        meta = restored["meta"]
+        if not isinstance(meta, dict) or not {"epoch", "history"} <= set(meta):
+            raise ValueError(f"its meta is not a dict with 'epoch' and 'history': {meta!r:.200}")
         state = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), restored["state"], template)
-        return state, restored["meta"]
+        return state, meta
+
+    def restore_latest(self, template: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(epoch, state, meta)`` of the newest checkpoint that restores, or None if none.
+
+        Newer checkpoints that fail to restore (a truncated or missing file, bad meta JSON, a
+        missing item) are moved to ``workdir/checkpoints_damaged/<epoch>`` (so that training
+        can save those epochs again) with a warning naming each one and its cause.
+
+        Raises:
+          CheckpointError: there are checkpoints but none restores (each one's cause listed;
+            nothing is moved, so every later attempt fails the same way).
+        """
+        damaged: list[tuple[int, str]] = []
+        for epoch in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(epoch, template)
+            except Exception as e:  # tensorstore, JSON, orbax, KeyError: all mean damaged
+                lines = str(e).strip().splitlines() or [""]
+                damaged.append((epoch, f"{type(e).__name__}: {lines[0][:300]}"))
+                continue
+            for bad, cause in damaged:
+                moved = self._set_aside(bad)
+                warnings.warn(
+                    f"Checkpoint {os.path.join(self.directory, str(bad))} is damaged and was "
+                    f"skipped ({cause}); moved to {moved}. Resuming from epoch {epoch}.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return epoch, state, meta
+        if damaged:
+            causes = "; ".join(f"epoch {epoch}: {cause}" for epoch, cause in damaged)
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} can be restored ({causes}). To train this "
+                "run from scratch, delete that directory (or choose another workdir)."
+            )
+        return None
+
+    def _set_aside(self, epoch: int) -> str:
+        """Moves a damaged checkpoint out of the manager's directory; returns where."""
+        target = os.path.join(self.workdir, DAMAGED_DIR, str(epoch))
+        shutil.rmtree(target, ignore_errors=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(epoch)), target)
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         self.manager.wait_until_finished()

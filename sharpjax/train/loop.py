@@ -321,18 +321,63 @@ def evaluate(
 # --------------------------------------------------------------------------------------
 
 
-def _check_data(config: TrainConfig, dataset: Dataset) -> None:
+# The per-example input rank each built-in model family reads: (length, channels) for the
+# 1-D CNN, (height, width, channels) for the image models; the MLP flattens anything.
+_MODEL_INPUT_RANK = {
+    "cnn1d": 2,
+    "lenet": 3,
+    "resnet18": 3,
+    "resnet34": 3,
+    "wrn16_8": 3,
+    "wrn28_10": 3,
+}
+
+
+def _check_data(config: TrainConfig, dataset: Dataset, model: nn.Module | None = None) -> None:
+    """Checks what needs the data (batch size, augment, model input) before any compile."""
     n = len(dataset.x_train)
     if config.batch_size > n:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {n} training examples of "
             f"dataset {dataset.name!r}."
         )
-    if config.augment and tuple(dataset.x_train.shape[1:3]) != (32, 32):
+    shape = tuple(dataset.x_train.shape[1:])
+    if config.augment and shape[0:2] != (32, 32):
         raise ValueError(
             f"augment=True (crop + flip) is for 32x32 images; dataset {dataset.name!r} has "
-            f"inputs of shape {tuple(dataset.x_train.shape[1:])}."
+            f"inputs of shape {shape}."
         )
+    rank = _MODEL_INPUT_RANK.get(config.model)
+    # A module passed to train() instead of config.model is checked by the shape test below.
+    builtin = model is None or type(model) is type(get_model(config.model, 2))
+    if builtin and rank is not None and len(shape) != rank:
+        fits = sorted({"mlp", *(k for k, r in _MODEL_INPUT_RANK.items() if r == len(shape))})
+        kind = "sequences (length, channels)" if rank == 2 else "images (height, width, channels)"
+        raise ValueError(
+            f"model={config.model!r} reads {kind}, but dataset {dataset.name!r} has inputs of "
+            f"shape {shape}. Models that fit it: {', '.join(fits)}."
+        )
+    if model is not None:
+        # Abstract evaluation (no compile, well under a second): a model that does not map
+        # one example to num_classes logits fails here instead of minutes into compiling.
+        def logits(x):
+            rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+            return model.init_with_output(rngs, x, train=False)[0]
+
+        sample = jax.ShapeDtypeStruct((1, *shape), dataset.x_train.dtype)
+        try:
+            out = jax.eval_shape(logits, sample)
+        except Exception as e:  # flax/XLA shape errors: re-raise with what was asked
+            raise ValueError(
+                f"model={config.model!r} cannot be applied to dataset {dataset.name!r} "
+                f"(inputs of shape {shape}): {type(e).__name__}: {e}"
+            ) from e
+        if tuple(out.shape) != (1, dataset.num_classes):
+            raise ValueError(
+                f"model={config.model!r} maps one input of shape {shape} (dataset "
+                f"{dataset.name!r}) to logits of shape {tuple(out.shape)[1:] or tuple(out.shape)}, "
+                f"not ({dataset.num_classes},): it does not fit this dataset."
+            )
 
 
 def _save_labels(workdir: str, dataset: Dataset) -> None:
@@ -374,8 +419,8 @@ def train(
             seed=config.seed,
             data_dir=config.data_dir,
         )
-    _check_data(config, dataset)
     model = model if model is not None else build_model(config, dataset.num_classes)
+    _check_data(config, dataset, model)
     steps_per_epoch = len(dataset.x_train) // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -393,12 +438,19 @@ def train(
     start_epoch = 0
 
     checkpointer = None
+    # A requested early stop is always checkpointed, so that the run can be resumed.
+    stopping = config.stop_after_epochs is not None and config.stop_after_epochs < config.epochs
     if workdir:
-        if config.checkpoint_every > 0 or resuming:
+        if config.checkpoint_every > 0 or resuming or stopping:
             checkpointer = Checkpointer(workdir, config.max_checkpoints)
-        latest = checkpointer.latest_epoch() if (resuming and checkpointer) else None
-        if latest is not None:
-            restored, meta = checkpointer.restore(latest, {**state, "rng": _rng_data(config)})
+        # The newest intact checkpoint (damaged newer ones are skipped with a warning).
+        found = (
+            checkpointer.restore_latest({**state, "rng": _rng_data(config)})
+            if (resuming and checkpointer)
+            else None
+        )
+        if found is not None:
+            _, restored, meta = found
             restored.pop("rng")
             state = restored
             history, start_epoch = meta["history"], int(meta["epoch"])
@@ -473,7 +525,8 @@ def train(
         if workdir:
             metrics_lib.append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
             every = config.checkpoint_every
-            if every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == last_epoch):
+            periodic = every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == last_epoch)
+            if periodic or (stopping and epoch + 1 == last_epoch):
                 meta = {"epoch": epoch + 1, "history": history, "config": config.to_dict()}
                 checkpointer.save(epoch + 1, {**state, "rng": _rng_data(config)}, meta)
 
