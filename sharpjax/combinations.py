@@ -1,7 +1,7 @@
 """Combination rules: what to do with the clean gradient ``g`` and the second ``g₂``.
 
 Each rule maps ``(g, g₂)`` to the gradient handed to the next transformation. None of them
-takes another gradient. Equations: ALGORITHMS.md of the project.
+takes another gradient. Equations and sources: the project's docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sharpjax.core import (
     CombinationRule,
     ScalarOrSchedule,
     check_scalar_or_schedule,
+    compute_dtype,
     evaluate,
     tree_norm,
     tree_vdot,
@@ -27,7 +28,8 @@ SANER_EPS = 1e-8
 
 def saner_mask(g: jax.Array, g2: jax.Array) -> jax.Array:
     """SANER's mask ``1[0 < g₂/(g + 1e-8) < 1]``: same sign as g and smaller in magnitude."""
-    ratio = g2.astype(jnp.float32) / (g.astype(jnp.float32) + SANER_EPS)
+    dtype = jnp.result_type(compute_dtype(g), compute_dtype(g2))
+    ratio = g2.astype(dtype) / (g.astype(dtype) + SANER_EPS)
     return (ratio > 0) & (ratio < 1)
 
 
@@ -40,15 +42,16 @@ def saner_combination(alpha: ScalarOrSchedule = 0.5) -> CombinationRule:
 
     ``m = 1[0 < g₂ / (g + 1e-8) < 1]``; output ``g₂ ⊙ (α m + (1 − m))``, with ``0 < α ≤ 1`` the
     multiplier on masked elements, a float or a schedule of the step count (α = 1 is SAM;
-    see :func:`sharpjax.saner_warmup`). Reports ``masked_fraction`` and ``alpha``.
+    see :func:`sharpjax.saner_warmup`). Reports ``masked_fraction`` and ``alpha`` (the value
+    used: a schedule or injected value outside [0, 1] is clamped into it).
     """
     check_scalar_or_schedule("alpha", alpha, 0.0, 1.0, open_low=True)
 
     def combine(g, g2, state, count):
-        alpha_t = evaluate(alpha, count)
+        alpha_t = evaluate(alpha, count, 0.0, 1.0)
         masks = jax.tree.map(saner_mask, g, g2)
         out = jax.tree.map(
-            lambda x, m: (x.astype(jnp.float32) * jnp.where(m, alpha_t, 1.0)).astype(x.dtype),
+            lambda x, m: (x.astype(compute_dtype(x)) * jnp.where(m, alpha_t, 1.0)).astype(x.dtype),
             g2,
             masks,
         )
@@ -60,27 +63,28 @@ def saner_combination(alpha: ScalarOrSchedule = 0.5) -> CombinationRule:
     return CombinationRule(lambda params: SanerState(), combine, ("masked_fraction", "alpha"))
 
 
-def gsam_combination(alpha: float) -> CombinationRule:
+def gsam_combination(alpha: ScalarOrSchedule = 0.1) -> CombinationRule:
     """GSAM (Zhuang et al., ICLR 2022): surrogate-gap guided SAM.
 
     ``g_⊥ = g − (g·ĝ₂) ĝ₂`` (the part of g orthogonal to g₂); output ``g₂ − α g_⊥``.
-    α = 0 is SAM. Reports ``orthogonal_norm``, ‖g_⊥‖ (the cosine of g with g₂ is the core's
-    ``cosine``).
+    α = 0 is SAM; α is a float ≥ 0 or a schedule (clamped to ≥ 0 at run time). Reports
+    ``orthogonal_norm``, ‖g_⊥‖, and ``surrogate_gap`` ``h = L(w + ε) − L(w)``, which the core
+    fills in when ``update`` gets the losses (the cosine of g with g₂ is the core's ``cosine``).
     """
     check_scalar_or_schedule("alpha", alpha, 0.0)
-    if callable(alpha):
-        raise TypeError("alpha must be a float.")
 
     def combine(g, g2, state, count):
-        del count
+        alpha_t = evaluate(alpha, count, 0.0)
         g2_norm = tree_norm(g2)
         projection = tree_vdot(g, g2) / (g2_norm * g2_norm + NORM_EPS)
         orthogonal = jax.tree.map(
-            lambda x, y: x.astype(jnp.float32) - projection * y.astype(jnp.float32), g, g2
+            lambda x, y: x.astype(compute_dtype(x)) - projection * y.astype(compute_dtype(x)), g, g2
         )
         out = jax.tree.map(
-            lambda y, o: (y.astype(jnp.float32) - alpha * o).astype(y.dtype), g2, orthogonal
+            lambda y, o: (y.astype(o.dtype) - alpha_t * o).astype(y.dtype), g2, orthogonal
         )
-        return out, state, {"orthogonal_norm": tree_norm(orthogonal)}
+        # surrogate_gap needs the losses, which only the core sees: it overwrites this NaN.
+        diag = {"orthogonal_norm": tree_norm(orthogonal), "surrogate_gap": jnp.float32(jnp.nan)}
+        return out, state, diag
 
-    return CombinationRule(lambda params: (), combine, ("orthogonal_norm",))
+    return CombinationRule(lambda params: (), combine, ("orthogonal_norm", "surrogate_gap"))

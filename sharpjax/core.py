@@ -5,18 +5,35 @@ training step already has and passes in as ``updates``, and ``g₂ = ∇L(w + ε
 point. :func:`sharpness_aware` implements this once, as an
 ``optax.GradientTransformationExtraArgs``::
 
+    take            = policy.decide(‖g‖², policy_state, count)   # efficient variants only
     ε, rule_state   = perturbation.perturb(g, params, rule_state, rho_t)
-    g₂              = grad_fn(params + ε)                  # the only second pass
+    g₂              = grad_fn(params + ε)                          # the only second pass
     out, rule_state = combination.combine(g, g₂, rule_state, count)
+    (if not take:     out, rule_state = combination.skip(g, rule_state, count), no g₂ at all)
 
 ``out`` goes to the next transformation of an ``optax.chain``, so the base optimizer steps
 from ``w``, never from ``w + ε``. A variant is a :class:`PerturbationRule`, a
-:class:`CombinationRule`, or both (see ``perturbations.py`` and ``combinations.py``).
+:class:`CombinationRule`, a :class:`SecondGradientPolicy`, or a mix (see ``perturbations.py``,
+``combinations.py`` and ``efficient.py``). The equations and their sources are in the
+project's ``docs/algorithms.md``.
 
-Data parallelism: with ``axis_name`` set, the final gradient is always averaged over that
-axis; the perturbation is computed from each device's own gradient (``"per_device"``,
-Foret et al.'s m-sharpness), from the gradient averaged over all devices (``"synced"``), or
-averaged within consecutive groups of ``group_size`` devices.
+Three ways to split the batch, one mechanism:
+
+* data parallelism: with ``axis_name`` set, the final gradient is always averaged over that
+  axis; the perturbation is computed from each device's own gradient (``"per_device"``,
+  Foret et al.'s m-sharpness), from the gradient averaged over all devices (``"synced"``), or
+  averaged within consecutive groups of ``group_size`` devices;
+* m-sharpness on one device (``num_microbatches=m``): the per-device mode over a micro-batch
+  axis. Each micro-batch has its own ε (and its own rule state, e.g. VaSSO's ``d``), every rule
+  composes with it, and the output is the mean over micro-batches;
+* both at once: ``m`` micro-batches on each device of ``axis_name`` (per-device mode).
+
+Reliability: a step whose clean or second gradient is not finite leaves every rule state (and
+the step count) as it was, and still passes its non-finite output on, so that
+``optax.apply_if_finite`` (or the user's own check) sees it and the run recovers at the next
+good step. Hyperparameters may be floats, optax schedules, or traced values (for
+``optax.inject_hyperparams``); a value outside its range at run time is clamped into it, and
+the value used is reported in the diagnostics (``rho``, SANER's ``alpha``).
 """
 
 from __future__ import annotations
@@ -27,72 +44,154 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
-ScalarOrSchedule = float | Schedule
+ScalarOrSchedule = float | jax.Array | Schedule
 
 # Added to norms before dividing, so that a zero gradient gives a zero perturbation.
 NORM_EPS = 1e-12
 
 PERTURBATION_MODES = ("per_device", "synced", "grouped")
 
+# The name of the micro-batch axis of m-sharpness (a vmap axis inside the update).
+MICROBATCH_AXIS = "sharpjax_microbatch"
+
 _CALL_PATTERN = (
     "Pass the gradient function as an extra argument of update:\n"
     "    grad_fn = lambda p: jax.grad(loss_fn)(p, batch)\n"
-    "    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)"
+    "    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)\n"
+    "or, to have the perturbed loss in the diagnostics,\n"
+    "    value_and_grad_fn = lambda p: jax.value_and_grad(loss_fn)(p, batch)\n"
+    "    updates, state = tx.update(grads, state, params, value_and_grad_fn=value_and_grad_fn,\n"
+    "                               loss=clean_loss)"
 )
 
 
 # --------------------------------------------------------------------------------------
-# Small pytree helpers shared by the rules.
+# Small pytree helpers shared by the rules. Arithmetic runs in the params' precision, and at
+# least float32 (bfloat16 params are accumulated in float32, float64 params in float64).
 # --------------------------------------------------------------------------------------
 
 
+def compute_dtype(x: Any) -> jnp.dtype:
+    """The dtype the rules compute in for a leaf: its own, promoted to at least float32."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _widest(tree: Any) -> jnp.dtype:
+    dtypes = [compute_dtype(x) for x in jax.tree.leaves(tree)]
+    return jnp.result_type(*dtypes) if dtypes else jnp.float32
+
+
 def tree_norm(tree: Any) -> jax.Array:
-    """Global L2 norm over every leaf of a pytree, accumulated in float32."""
+    """Global L2 norm over every leaf of a pytree, accumulated in at least float32."""
     leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    dtype = _widest(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
 
 
 def tree_vdot(a: Any, b: Any) -> jax.Array:
-    """Inner product of two pytrees of the same structure, in float32."""
+    """Inner product of two pytrees of the same structure, in at least float32."""
+    dtype = jnp.result_type(_widest(a), _widest(b))
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in pairs)
+    return sum(jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in pairs)
 
 
 def tree_scale(tree: Any, scale: jax.Array) -> Any:
     """Multiplies every leaf by ``scale``, keeping each leaf's dtype."""
-    return jax.tree.map(lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)
+    return jax.tree.map(lambda x: (x.astype(compute_dtype(x)) * scale).astype(x.dtype), tree)
 
 
 def tree_add(a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: (x + y.astype(x.dtype)).astype(x.dtype), a, b)
 
 
-def evaluate(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """A float or an optax schedule of the step count, as a float32 scalar."""
-    return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+def tree_all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _is_concrete(value: Any) -> bool:
+    try:
+        np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return True
+
+
+def evaluate(
+    value: ScalarOrSchedule,
+    count: jax.Array,
+    low: float = -float("inf"),
+    high: float = float("inf"),
+) -> jax.Array:
+    """A float, traced scalar or optax schedule of the step count, as a float32 scalar.
+
+    The value is clamped into ``[low, high]``: a schedule or an injected hyperparameter that
+    leaves its range at run time is used at the nearest valid value (NaN stays NaN).
+    """
+    value = jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+    return jnp.clip(value, low, high)
 
 
 def check_scalar_or_schedule(
-    name: str, value: ScalarOrSchedule, low: float, high: float = float("inf"), *, open_low=False
+    name: str,
+    value: ScalarOrSchedule,
+    low: float,
+    high: float = float("inf"),
+    *,
+    open_low: bool = False,
 ) -> None:
-    """Raises a ValueError naming ``name`` when a constant is outside its range."""
+    """Raises a ValueError naming ``name`` when a constant is outside its range or not finite.
+
+    A schedule is checked at step 0; a traced value (``optax.inject_hyperparams`` under
+    ``jax.jit``) cannot be checked here and is clamped at run time by :func:`evaluate`.
+    """
+    shown = value
     if callable(value):
+        try:
+            value = value(jnp.zeros([], jnp.int32))
+        except Exception as err:  # any failure means the callable is not a schedule
+            raise TypeError(
+                f"{name} is callable but failed on the step count 0 ({err}); a schedule must be "
+                "a function of the int32 step count, like those of optax."
+            ) from err
+        shown = f"{value} (the schedule's value at step 0)"
+    if not _is_concrete(value):
         return
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
         raise TypeError(
             f"{name} must be a float or an optax schedule (a function of the step count), "
-            f"got {type(value).__name__}."
-        ) from None
+            f"got {type(value).__name__}{' of shape ' + str(array.shape) if array.shape else ''}."
+        )
+    value = float(array)
+    left, right = ("(" if open_low else "["), ("]" if high != float("inf") else ")")
     bad_low = value <= low if open_low else value < low
-    if bad_low or value > high or value != value:
-        left = "(" if open_low else "["
-        right = "]" if high != float("inf") else ")"
-        raise ValueError(f"{name} must lie in {left}{low}, {high}{right}, got {value}.")
+    if not np.isfinite(value) or bad_low or value > high:
+        raise ValueError(
+            f"{name} must be finite and lie in {left}{low}, {high}{right}, got {shown}."
+        )
+
+
+def check_constant(name: str, value: Any) -> None:
+    """Raises a TypeError naming ``name`` when a hyperparameter that cannot vary is a schedule."""
+    if callable(value):
+        raise TypeError(f"{name} must be a number (or a traced scalar), not a schedule.")
+
+
+def check_float_params(params: Any) -> None:
+    """Raises a TypeError when a parameter leaf is not floating point (it cannot be perturbed)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"sharpjax transformations need floating-point params; the leaf "
+                f"{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}. Keep integer "
+                "state out of the params (e.g. in a separate collection) or cast it to float."
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -117,6 +216,11 @@ class PerturbationRule:
     diagnostics: tuple[str, ...] = ()
 
 
+def _keep_gradient(g: Any, state: Any, count: jax.Array) -> tuple[Any, Any, dict]:
+    del count
+    return g, state, {}
+
+
 @dataclasses.dataclass(frozen=True)
 class CombinationRule:
     """What to do with the two gradients.
@@ -124,11 +228,37 @@ class CombinationRule:
     Attributes:
       init: ``params -> state``.
       combine: ``(g, g₂, state, count) -> (out, state, diagnostics)``.
-      diagnostics: names of the diagnostics the rule reports.
+      diagnostics: names of the diagnostics the rule reports (on every step).
+      skip: ``(g, state, count) -> (out, state, diagnostics)``, the output of a step on which a
+        :class:`SecondGradientPolicy` decided not to take ``g₂`` (same diagnostics keys as
+        ``combine``); default: the clean gradient ``g``.
     """
 
     init: Callable[[Any], Any]
     combine: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]
+    diagnostics: tuple[str, ...] = ()
+    skip: Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]] = _keep_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondGradientPolicy:
+    """Whether this step takes the second gradient at all (the efficient variants).
+
+    The decision runs before the perturbation; when it is False the second pass is skipped
+    under ``lax.cond`` (a skipped step costs one gradient), the perturbation rule's state is
+    left as it was, and the output is the combination rule's ``skip``.
+
+    Attributes:
+      init: ``params -> state``.
+      decide: ``(grad_sq_norm, state, count) -> (take, state, diagnostics)``. ``grad_sq_norm``
+        is ‖g‖² of the clean gradient, averaged over the devices of ``axis_name`` (and over
+        micro-batches), so every device takes the same decision from the same state; ``take``
+        is a boolean scalar. Randomness lives in the state (a key), which is replicated.
+      diagnostics: names of the diagnostics the policy reports.
+    """
+
+    init: Callable[[Any], Any]
+    decide: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any, dict[str, jax.Array]]]
     diagnostics: tuple[str, ...] = ()
 
 
@@ -151,7 +281,17 @@ def use_second_gradient() -> CombinationRule:
 # The transformation.
 # --------------------------------------------------------------------------------------
 
-CORE_DIAGNOSTICS = ("grad_norm", "perturbation_norm", "second_grad_norm", "cosine", "rho")
+CORE_DIAGNOSTICS = (
+    "grad_norm",
+    "perturbation_norm",
+    "second_grad_norm",
+    "cosine",
+    "rho",
+    "loss",
+    "perturbed_loss",
+    "sharpness",
+)
+POLICY_DIAGNOSTICS = ("second_gradient", "second_gradient_fraction")
 
 
 class SharpnessAwareState(NamedTuple):
@@ -159,30 +299,54 @@ class SharpnessAwareState(NamedTuple):
 
     Attributes:
       count: number of updates taken (the argument of ``rho`` and of the rules' schedules).
-      perturbation_state: state of the perturbation rule.
-      combination_state: state of the combination rule.
+      perturbation_state: state of the perturbation rule (stacked over micro-batches when
+        ``num_microbatches > 1``).
+      combination_state: state of the combination rule (stacked likewise).
+      policy_state: state of the :class:`SecondGradientPolicy` (``()`` without one).
+      second_gradients: number of steps that took the second gradient.
       diagnostics: the last step's float32 scalars: ``grad_norm`` (‖g‖), ``perturbation_norm``
-        (‖ε‖), ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂), ``rho``, and those of
-        the rules (e.g. SANER's ``masked_fraction``, VaSSO's ``d_norm``). Read them from a
-        chained state with :func:`diagnostics`.
+        (‖ε‖), ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂), ``rho``; ``loss``,
+        ``perturbed_loss`` (L(w + ε)) and ``sharpness`` (their difference, GSAM's surrogate
+        gap), which are NaN unless ``update`` got ``loss=`` and ``value_and_grad_fn=``; those of
+        the rules (e.g. SANER's ``masked_fraction``, VaSSO's ``d_norm``); with a policy,
+        ``second_gradient`` (1 if this step took g₂) and ``second_gradient_fraction`` (so far).
+        On a skipped step the norms of ε and g₂ and the cosine are 0. Read them from a chained
+        state with :func:`diagnostics`.
     """
 
     count: jax.Array
     perturbation_state: Any
     combination_state: Any
     diagnostics: dict[str, jax.Array]
+    policy_state: Any = ()
+    second_gradients: Any = ()
 
 
-def _check_grad_fn(grad_fn: Callable | None) -> Callable:
-    if grad_fn is None:
+def _check_grad_fn(grad_fn: Callable | None, value_and_grad_fn: Callable | None) -> Callable:
+    """The second-pass function as ``params -> (loss or None, grads)``."""
+    if grad_fn is not None and value_and_grad_fn is not None:
+        raise TypeError("Pass either `grad_fn` or `value_and_grad_fn` to update, not both.")
+    fn = grad_fn if grad_fn is not None else value_and_grad_fn
+    if fn is None:
         raise TypeError(
             f"sharpjax transformations need a `grad_fn` extra argument. {_CALL_PATTERN}"
         )
-    if not callable(grad_fn):
-        raise TypeError(
-            f"`grad_fn` must be callable, got {type(grad_fn).__name__}. {_CALL_PATTERN}"
-        )
-    return grad_fn
+    name = "grad_fn" if grad_fn is not None else "value_and_grad_fn"
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}. {_CALL_PATTERN}")
+    if grad_fn is not None:
+        return lambda *args: (None, grad_fn(*args))
+
+    def with_value(*args):
+        out = value_and_grad_fn(*args)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(
+                "value_and_grad_fn(params) must return (loss, grads), like "
+                f"jax.value_and_grad(loss_fn); got {type(out).__name__}."
+            )
+        return out
+
+    return with_value
 
 
 def _check_same_structure(name: str, reference: Any, tree: Any) -> None:
@@ -191,7 +355,8 @@ def _check_same_structure(name: str, reference: Any, tree: Any) -> None:
         raise ValueError(
             f"{name} must be a pytree with the structure of the params.\n"
             f"  params:  {ref_def}\n  {name}: {tree_def}\n"
-            "grad_fn(p) should return jax.grad(loss_fn)(p, batch), not (loss, grads) or aux."
+            "grad_fn(p) should return jax.grad(loss_fn)(p, batch), not (loss, grads) or aux "
+            "(for (loss, grads) pass value_and_grad_fn= instead)."
         )
     for ref, leaf in zip(jax.tree.leaves(reference), jax.tree.leaves(tree), strict=True):
         if jnp.shape(ref) != jnp.shape(leaf):
@@ -251,11 +416,23 @@ def _group_mean(tree: Any, axis_name: str, groups: list[list[int]] | None) -> An
     return jax.tree.map(mean_leaf, tree)
 
 
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok``, else ``old``, leaf by leaf (a non-finite step changes no state)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _check_count(argument: str, value: int) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{argument} must be an int >= 1, got {value!r}.")
+
+
 def sharpness_aware(
     perturbation: PerturbationRule,
     combination: CombinationRule | None = None,
     rho: ScalarOrSchedule = 0.05,
     *,
+    policy: SecondGradientPolicy | None = None,
+    num_microbatches: int | None = None,
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -271,7 +448,16 @@ def sharpness_aware(
     Args:
       perturbation: where the second gradient is taken (``sam_perturbation()``, ...).
       combination: what to do with ``g`` and ``g₂``; default: return ``g₂`` (SAM).
-      rho: perturbation radius, a float ≥ 0 or an optax schedule of the step count.
+      rho: perturbation radius, a float ≥ 0, an optax schedule of the step count, or a traced
+        scalar (``optax.inject_hyperparams``). Clamped to ≥ 0 at run time.
+      policy: decides per step whether to take ``g₂`` at all (LookSAM, RST, AE-SAM); default:
+        always.
+      num_microbatches: None (the default: one batch), or m ≥ 1 for m-sharpness (mSAM, the
+        micro-batch contract even for m = 1): ``updates`` are the clean
+        per-micro-batch gradients stacked on a leading axis of size m, ``grad_fn(params, j)``
+        returns the gradient on micro-batch ``j`` (an int32 scalar, possibly traced), each
+        micro-batch gets its own ε and rule state, and the output is the mean over
+        micro-batches (the params' shape). With ``axis_name``, only ``"per_device"`` mode.
       axis_name: data-parallel axis (pmap / shard_map); None on one device.
       perturbation_mode: with ``axis_name``: ``"per_device"`` (each device perturbs with its
         own gradient, the original SAM), ``"synced"`` (all devices share the perturbation of
@@ -280,10 +466,18 @@ def sharpness_aware(
       group_size: devices per group in ``"grouped"`` mode; must divide the device count.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires ``grad_fn``,
-      a function ``params -> gradient`` (same pytree structure as the params). It is called
-      exactly once per step. With BatchNorm, ``grad_fn`` evaluates the model at the clean
-      pass's statistics and drops the statistics it would update::
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes these extra
+      arguments:
+
+      * ``grad_fn``: ``params -> gradient`` (the params' pytree structure), called once per
+        step at ``w + ε`` (never on a step the policy skips); or
+      * ``value_and_grad_fn``: ``params -> (loss, gradient)`` instead, so that the diagnostics
+        carry ``perturbed_loss``;
+      * ``loss`` (optional): the clean loss L(w), for the ``loss`` and ``sharpness``
+        diagnostics (a scalar, or the m micro-batch losses).
+
+      With BatchNorm, ``grad_fn`` evaluates the model at the clean pass's statistics and drops
+      the statistics it would update::
 
         def grad_fn(p):
           def loss(p):
@@ -294,6 +488,8 @@ def sharpness_aware(
     """
     combination = combination or use_second_gradient()
     check_scalar_or_schedule("rho", rho, 0.0)
+    if num_microbatches is not None:
+        _check_count("num_microbatches", num_microbatches)
     if perturbation_mode not in PERTURBATION_MODES:
         raise ValueError(
             f"perturbation_mode must be one of {PERTURBATION_MODES}, got {perturbation_mode!r}."
@@ -309,65 +505,190 @@ def sharpness_aware(
         raise ValueError(
             f"perturbation_mode={perturbation_mode!r} needs axis_name, the data-parallel axis."
         )
-    diagnostic_names = CORE_DIAGNOSTICS + perturbation.diagnostics + combination.diagnostics
+    if num_microbatches is not None and perturbation_mode != "per_device":
+        raise ValueError(
+            f"num_microbatches={num_microbatches} (m-sharpness) perturbs each micro-batch on "
+            f"its own; it combines only with perturbation_mode='per_device', got "
+            f"{perturbation_mode!r}."
+        )
+    m = num_microbatches
+    micro = m is not None
+    rule_diagnostics = perturbation.diagnostics + combination.diagnostics
+    diagnostic_names = CORE_DIAGNOSTICS + rule_diagnostics
+    if policy is not None:
+        diagnostic_names += POLICY_DIAGNOSTICS + policy.diagnostics
+
+    def stacked(init):
+        return (lambda p: jax.vmap(lambda _: init(p))(jnp.arange(m))) if micro else init
 
     def init_fn(params):
+        check_float_params(params)
         return SharpnessAwareState(
             count=jnp.zeros([], jnp.int32),
-            perturbation_state=perturbation.init(params),
-            combination_state=combination.init(params),
+            perturbation_state=stacked(perturbation.init)(params),
+            combination_state=stacked(combination.init)(params),
             diagnostics={name: jnp.zeros([], jnp.float32) for name in diagnostic_names},
+            policy_state=policy.init(params) if policy is not None else (),
+            second_gradients=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        del extra_args
-        grad_fn = _check_grad_fn(grad_fn)
+    def update_fn(
+        updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
+    ):
+        del extra
+        second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
         if params is None:
             raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
-        g = updates
+        check_float_params(params)
+        if micro:
+            for leaf, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+                if jnp.shape(leaf) != (m, *jnp.shape(ref)):
+                    raise ValueError(
+                        f"num_microbatches={m} expects the clean gradients of the micro-batches "
+                        f"stacked on axis 0, shape (m, *param.shape) = {(m, *jnp.shape(ref))}; "
+                        f"got {jnp.shape(leaf)}. See sharpjax.split_microbatches."
+                    )
         groups = None
         if axis_name is not None:
             groups = _axis_groups(axis_name, perturbation_mode, group_size)
-            g = _group_mean(g, axis_name, groups)
+        count = state.count
+        rho_t = evaluate(rho, count, 0.0)
 
-        rho_t = evaluate(rho, state.count)
-        eps, perturbation_state, p_diag = perturbation.perturb(
-            g, params, state.perturbation_state, rho_t
-        )
-        g2 = grad_fn(tree_add(params, eps))
-        _check_same_structure("grad_fn(params + ε)", params, g2)
+        def _as_params(tree):
+            return jax.tree.map(lambda o, w: o.astype(w.dtype), tree, params)
+
+        def _f32(diag):
+            return {k: jnp.asarray(v, jnp.float32) for k, v in diag.items()}
+
+        def device_mean(tree):  # the mean over devices that makes an output device-invariant
+            return jax.lax.pmean(tree, axis_name) if axis_name is not None else tree
+
+        def micro_mean(tree):
+            return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree) if micro else tree
+
+        # --- the decision (before any perturbation): the same on every device ---------------
+        g_in = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
+        policy_state, policy_diag = state.policy_state, {}
+        take = jnp.bool_(True)
+        if policy is not None:
+            sq = jax.vmap(tree_vdot)(g_in, g_in) if micro else tree_vdot(g_in, g_in)
+            sq = device_mean(jnp.mean(sq).astype(jnp.float32))
+            take, policy_state, policy_diag = policy.decide(sq, state.policy_state, count)
+            take = jnp.asarray(take, jnp.bool_)
+
+        # --- one micro-batch (or the whole batch): perturb, second pass, combine -------------
+        def perturb_one(g, p_state):
+            eps, p_state, p_diag = perturbation.perturb(g, params, p_state, rho_t)
+            return eps, p_state, p_diag
+
+        def finish_one(g, eps, g2, c_state):
+            out, c_state, c_diag = combination.combine(g, g2, c_state, count)
+            grad_norm, g2_norm = tree_norm(g), tree_norm(g2)
+            diag = {
+                "grad_norm": grad_norm,
+                "perturbation_norm": tree_norm(eps),
+                "second_grad_norm": g2_norm,
+                "cosine": tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS),
+                **c_diag,
+            }
+            return out, c_state, diag
+
+        def with_second(_):
+            if micro:
+                eps, p_state, p_diag = jax.vmap(perturb_one)(g_in, state.perturbation_state)
+                # The second passes run one micro-batch after another (lax.map): its compile
+                # time does not grow with m, and each pass runs at the speed of a plain one.
+                loss2, g2 = jax.lax.map(
+                    lambda j: second_pass(tree_add(params, jax.tree.map(lambda e: e[j], eps)), j),
+                    jnp.arange(m, dtype=jnp.int32),
+                )
+            else:
+                eps, p_state, p_diag = perturb_one(g_in, state.perturbation_state)
+                loss2, g2 = second_pass(tree_add(params, eps))
+            _check_same_structure("the second gradient", updates, g2)
+            if axis_name is not None:
+                g2 = _group_mean(g2, axis_name, groups)
+            if micro:
+                out, c_state, diag = jax.vmap(finish_one)(g_in, eps, g2, state.combination_state)
+            else:
+                out, c_state, diag = finish_one(g_in, eps, g2, state.combination_state)
+            finite = tree_all_finite((g_in, g2))
+            loss2 = jnp.nan if loss2 is None else jnp.mean(jnp.asarray(loss2, jnp.float32))
+            diag = {**micro_mean(diag), **micro_mean(p_diag), "perturbed_loss": loss2}
+            return _as_params(micro_mean(out)), p_state, c_state, _f32(diag), finite
+
+        def without_second(_):
+            if micro:
+                out, c_state, c_diag = jax.vmap(lambda g, c: combination.skip(g, c, count))(
+                    g_in, state.combination_state
+                )
+            else:
+                out, c_state, c_diag = combination.skip(g_in, state.combination_state, count)
+            grad_norm = jnp.mean(jax.vmap(tree_norm)(g_in)) if micro else tree_norm(g_in)
+            zero = jnp.zeros([], jnp.float32)
+            diag = {
+                "grad_norm": grad_norm,
+                "perturbation_norm": zero,
+                "second_grad_norm": zero,
+                "cosine": zero,
+                "perturbed_loss": jnp.float32(jnp.nan),
+                **{k: zero for k in perturbation.diagnostics},
+                **micro_mean(c_diag),
+            }
+            finite = tree_all_finite(g_in)
+            return (
+                _as_params(micro_mean(out)),
+                state.perturbation_state,
+                c_state,
+                _f32(diag),
+                finite,
+            )
+
+        if policy is None:
+            out, p_state, c_state, diag, finite = with_second(None)
+        else:
+            out, p_state, c_state, diag, finite = jax.lax.cond(
+                take, with_second, without_second, None
+            )
+
         if axis_name is not None:
-            g2 = _group_mean(g2, axis_name, groups)
+            # Synced without micro-batches: g and g₂ are already all-device means, so `out` is
+            # the same on every device and a third gradient all-reduce would change nothing.
+            if groups is not None or micro:
+                out = jax.lax.pmean(out, axis_name)
+            finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(jnp.bool_)
+        out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, params)
 
-        out, combination_state, c_diag = combination.combine(
-            g, g2, state.combination_state, state.count
-        )
-        if groups is not None:
-            # Synced (groups None): g and g₂ are already all-device means, so `out` is the same
-            # on every device and a third gradient all-reduce would change nothing.
-            out = jax.lax.pmean(out, axis_name)
-        out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
-
-        grad_norm, g2_norm = tree_norm(g), tree_norm(g2)
-        diagnostics = {
-            "grad_norm": grad_norm,
-            "perturbation_norm": tree_norm(eps),
-            "second_grad_norm": g2_norm,
-            "cosine": tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS),
-            "rho": rho_t,
-            **p_diag,
-            **c_diag,
-        }
+        clean_loss = jnp.nan if loss is None else jnp.mean(jnp.asarray(loss, jnp.float32))
+        diag["loss"] = clean_loss
+        diag["sharpness"] = diag["perturbed_loss"] - clean_loss
+        if "surrogate_gap" in diagnostic_names:  # GSAM's name for the same quantity
+            diag["surrogate_gap"] = diag["sharpness"]
+        diag["rho"] = rho_t
+        if policy is not None:
+            took = take.astype(jnp.int32)
+            seconds = state.second_gradients + took
+            diag.update(policy_diag)
+            diag["second_gradient"] = took
+            diag["second_gradient_fraction"] = seconds / (count + 1)
+        else:
+            seconds = state.second_gradients + 1
         if axis_name is not None:
-            diagnostics = jax.lax.pmean(diagnostics, axis_name)
-        diagnostics = {k: jnp.asarray(diagnostics[k], jnp.float32) for k in diagnostic_names}
+            diag = device_mean(diag)
+        diag = {k: jnp.asarray(diag[k], jnp.float32) for k in diagnostic_names}
+
         new_state = SharpnessAwareState(
-            count=optax.safe_increment(state.count),
-            perturbation_state=perturbation_state,
-            combination_state=combination_state,
-            diagnostics=diagnostics,
+            count=optax.safe_increment(count),
+            perturbation_state=p_state,
+            combination_state=c_state,
+            diagnostics=diag,
+            policy_state=policy_state,
+            second_gradients=seconds,
         )
-        return out, new_state
+        # A non-finite gradient changes no state (it would poison VaSSO's d, for instance);
+        # the diagnostics show the step as it was, and `out` carries the non-finite values on.
+        kept = state._replace(diagnostics=diag)
+        return out, _keep_if(finite, new_state, kept)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -375,10 +696,11 @@ def sharpness_aware(
 def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     """The last step's diagnostics of every sharpjax transformation in a (chained) state.
 
-    Works on the state of ``optax.chain(...)``, nested chains, ``optax.inject_hyperparams``
-    and pmapped/sharded states alike: it collects the ``diagnostics`` dict of each sharpjax
-    state it finds (and the noise-resistant feedback's). Keys are unique per chain; when two
-    sharpjax transformations report the same key, the later ones get a ``_1``, ``_2`` suffix.
+    Works on the state of ``optax.chain(...)``, nested chains, ``optax.inject_hyperparams``,
+    ``optax.apply_if_finite``, ``optax.MultiSteps`` and pmapped/sharded states alike: it
+    collects the ``diagnostics`` dict of each sharpjax state it finds (and the noise-resistant
+    feedback's). Keys are unique per chain; when two sharpjax transformations report the same
+    key, the later ones get a ``_1``, ``_2`` suffix.
 
     Example::
 

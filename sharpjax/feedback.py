@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sharpjax.core import check_scalar_or_schedule, tree_norm
+from sharpjax.core import (
+    check_constant,
+    check_scalar_or_schedule,
+    compute_dtype,
+    tree_all_finite,
+    tree_norm,
+)
 
 
 class NoiseResistantState(NamedTuple):
@@ -19,7 +25,7 @@ class NoiseResistantState(NamedTuple):
 
 
 def noise_resistant(mu: float = 0.01) -> optax.GradientTransformation:
-    """Noise-resistant update rule (Su, Jin & Wang, Neural Networks 181, 2024, seed 000).
+    """Noise-resistant update rule (Su, Jin & Wang, Neural Networks 181, 2024; seed paper 000).
 
     From noise-tolerant zeroing dynamics ``ė = −γ e − λ ∫ e``: with the incoming gradient
     ``g_k`` (the SAM gradient when chained after :func:`sharpjax.sam`) as the error, keep
@@ -33,20 +39,26 @@ def noise_resistant(mu: float = 0.01) -> optax.GradientTransformation:
 
     Usage: ``optax.chain(sharpjax.sam(rho), sharpjax.noise_resistant(mu), optax.sgd(lr))``.
     """
+    check_constant("mu", mu)
     check_scalar_or_schedule("mu", mu, 0.0)
-    if callable(mu):
-        raise TypeError("mu must be a float >= 0.")
 
     def init_fn(params):
-        integral = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+        integral = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
         return NoiseResistantState(integral, {"integral_norm": jnp.zeros([], jnp.float32)})
 
     def update_fn(updates, state, params=None):
         del params
-        integral = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), state.integral, updates)
+        mu_t = jnp.maximum(mu, 0.0)  # a traced mu (inject_hyperparams) is clamped to ≥ 0
+        summed = jax.tree.map(lambda s, g: s + g.astype(s.dtype), state.integral, updates)
         out = jax.tree.map(
-            lambda g, s: (g.astype(jnp.float32) + mu * s).astype(g.dtype), updates, integral
+            lambda g, s: (g.astype(s.dtype) + mu_t * s).astype(g.dtype), updates, summed
         )
-        return out, NoiseResistantState(integral, {"integral_norm": tree_norm(integral)})
+        # A non-finite gradient would stay in the sum forever: the sum keeps its last finite
+        # value, and `out` carries the non-finite values on for apply_if_finite to see.
+        integral = jax.tree.map(
+            lambda new, old: jnp.where(tree_all_finite(updates), new, old), summed, state.integral
+        )
+        diag = {"integral_norm": jnp.asarray(tree_norm(integral), jnp.float32)}
+        return out, NoiseResistantState(integral, diag)
 
     return optax.GradientTransformation(init_fn, update_fn)

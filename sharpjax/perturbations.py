@@ -2,7 +2,7 @@
 
 Each rule maps the clean gradient ``g`` (and the params, and its own state) to ``ε``.
 Norms are global L2 norms over the whole pytree and every division is eps-safe, so a zero
-gradient gives a zero perturbation. Equations: ../ALGORITHMS.md of the project.
+gradient gives a zero perturbation. Equations and sources: the project's docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from sharpjax.core import (
     NORM_EPS,
     PerturbationRule,
+    check_constant,
     check_scalar_or_schedule,
+    compute_dtype,
     tree_norm,
     tree_scale,
 )
@@ -38,13 +40,13 @@ def sam_perturbation() -> PerturbationRule:
 
 def adaptive_perturbation(eta: float = 0.01) -> PerturbationRule:
     """ASAM (Kwon et al., ICML 2021): ``ε = ρ T² g / ‖T g‖`` with ``T = |w| + η``."""
+    check_constant("eta", eta)
     check_scalar_or_schedule("eta", eta, 0.0)
-    if callable(eta):
-        raise TypeError("eta must be a float.")
 
     def perturb(g, params, state, rho):
-        scale = jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)) + eta, params)
-        tg = jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale, g)
+        eta_t = jnp.maximum(eta, 0.0)  # a traced eta (inject_hyperparams) is clamped to ≥ 0
+        scale = jax.tree.map(lambda w: jnp.abs(w.astype(compute_dtype(w))) + eta_t, params)
+        tg = jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale, g)
         factor = rho / (tree_norm(tg) + NORM_EPS)
         eps = jax.tree.map(lambda t, x, w: (factor * t * x).astype(w.dtype), scale, tg, params)
         return eps, state, {}
@@ -63,20 +65,22 @@ def vasso_perturbation(theta: float = 0.9) -> PerturbationRule:
     """VaSSO (Li & Giannakis, NeurIPS 2023): variance-suppressed perturbation.
 
     ``d_t = (1 − θ) d_{t−1} + θ g_t`` with ``d_0 = g_0``; ``ε = ρ d_t / ‖d_t‖``. θ = 1 is SAM.
-    Reports ``d_norm`` (‖d_t‖). ``d`` is kept in float32 whatever the params' dtype.
+    Reports ``d_norm`` (‖d_t‖). ``d`` is kept in at least float32 whatever the params' dtype.
+    A traced θ (``optax.inject_hyperparams``) is clamped to [0, 1] at run time.
     """
+    check_constant("theta", theta)
     check_scalar_or_schedule("theta", theta, 0.0, 1.0, open_low=True)
-    if callable(theta):
-        raise TypeError("theta must be a float in (0, 1].")
 
     def init(params):
-        d = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+        d = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
         return VassoState(d=d, started=jnp.zeros([], jnp.bool_))
 
     def perturb(g, params, state, rho):
+        theta_t = jnp.clip(theta, 0.0, 1.0)
+
         def ema(d, x):
-            x = x.astype(jnp.float32)
-            return jnp.where(state.started, (1.0 - theta) * d + theta * x, x)
+            x = x.astype(d.dtype)
+            return jnp.where(state.started, (1.0 - theta_t) * d + theta_t * x, x)
 
         d = jax.tree.map(ema, state.d, g)
         eps = jax.tree.map(lambda e, w: e.astype(w.dtype), _normalized(d, rho), params)
