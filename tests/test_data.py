@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 from tensorflow_datasets.core import splits as splits_lib
 
-from sharpjax.data import DATASETS, Dataset, DatasetNotPreparedError, load_dataset
+from sharpjax.data import DATASETS, Dataset, DatasetNotPreparedError, embedded, load_dataset
 
 
 def _check_common(ds: Dataset, num_classes: int):
@@ -87,6 +87,41 @@ def test_mnist1d_cache_created_and_reused(mnist1d_cache, monkeypatch):
     again = load_dataset("mnist1d", noise="asymmetric", noise_rate=0.2, seed=0)
     for field in ("x_train", "y_train", "y_train_clean", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_zip"])
+def test_mnist1d_damaged_cache_is_regenerated(mnist1d_cache, tmp_path, monkeypatch, damage):
+    cache, first, _, _ = mnist1d_cache
+    (good,) = cache.glob("mnist1d_*.npz")
+    bad = tmp_path / good.name
+    data = good.read_bytes()
+    # A half-written archive (a writer killed without the atomic rename) or a foreign file.
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an npz")
+    monkeypatch.setenv("SHARPJAX_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="damaged.*regenerating"):
+        again = load_dataset("mnist1d", noise="asymmetric", noise_rate=0.2, seed=0)
+    for field in ("x_train", "y_train", "y_train_clean", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
+    with np.load(bad) as f:  # the cache was rewritten whole
+        np.testing.assert_array_equal(f["y_test"], first.y_test)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"noise_rate": "0.4"}, TypeError, "noise_rate must be a number"),
+        ({"noise_rate": True}, TypeError, "noise_rate must be a number"),
+        ({"seed": -1}, ValueError, "seed must be an int >= 0, got -1"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ],
+)
+def test_bad_noise_rate_or_seed_named(kwargs, error, match, monkeypatch):
+    def no_loading(*args, **kw):
+        raise AssertionError("data was loaded before the arguments were checked")
+
+    monkeypatch.setattr(embedded, "load_digits_arrays", no_loading)
+    with pytest.raises(error, match=match):
+        load_dataset("digits", **{"noise": "symmetric", "noise_rate": 0.2, **kwargs})
 
 
 def test_unknown_names_list_choices():

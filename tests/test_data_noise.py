@@ -91,6 +91,23 @@ def test_bad_rates_raise(rate):
         asymmetric_noise(CLEAN, rate, K, seed=0)
 
 
+@pytest.mark.parametrize(
+    "rate, seed, error, match",
+    [
+        ("0.2", 0, TypeError, "rate must be a number"),
+        (None, 0, TypeError, "rate must be a number"),
+        (0.2, -3, ValueError, "seed must be an int >= 0, got -3"),
+        (0.2, "0", TypeError, "seed must be an int"),
+    ],
+)
+def test_bad_rate_or_seed_named(rate, seed, error, match):
+    for fn in (symmetric_noise, asymmetric_noise):
+        with pytest.raises(error, match=match):
+            fn(CLEAN, rate, K, seed=seed)
+    with pytest.raises(error, match=match):
+        apply_label_noise(CLEAN, "none", rate, K, seed=seed)
+
+
 def test_bad_kind_and_labels_raise():
     with pytest.raises(ValueError, match="symmetric"):
         apply_label_noise(CLEAN, "uniform", 0.1, K, seed=0)

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from sharpjax.data import embedded, tfds_data
-from sharpjax.data.noise import NOISE_KINDS, apply_label_noise
+from sharpjax.data.noise import NOISE_KINDS, apply_label_noise, check_rate_and_seed
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
 
@@ -103,7 +103,9 @@ def load_dataset(
         1347/450). Ignored otherwise: the other datasets have official test splits.
 
     Raises:
-      ValueError: unknown ``name`` or ``noise``, or ``noise_rate`` outside ``[0, 1)``.
+      ValueError: unknown ``name`` or ``noise``, ``noise_rate`` outside ``[0, 1)`` or a
+        negative ``seed``.
+      TypeError: ``noise_rate`` not a number or ``seed`` not an int.
       DatasetNotPreparedError: a TFDS dataset is not prepared under ``data_dir``; raised
         before any data access, and no download is ever attempted.
     """
@@ -111,8 +113,8 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if noise not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {noise!r}; choose one of {NOISE_KINDS}")
-    if not 0.0 <= noise_rate < 1.0:
-        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate}")
+    # Before any data is read or generated: a bad argument fails at once, by its name.
+    check_rate_and_seed(noise_rate, seed, rate_name="noise_rate")
 
     if name == "digits":
         x_tr, y_tr, x_te, y_te = embedded.load_digits_arrays(test_fraction)

@@ -19,6 +19,8 @@ import json
 import os
 import random
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +88,22 @@ def _mnist1d_cache_path() -> Path:
 def load_mnist1d_arrays() -> Arrays:
     """MNIST-1D as ``(x_train, y_train, x_test, y_test)``; x float32 (N, 40, 1).
 
-    Generated on first use (about 3 s) and then read from the cache.
+    Generated on first use (about 3 s) and then read from the cache; a damaged cache file is
+    regenerated (with a warning).
     """
     path = _mnist1d_cache_path()
     if path.exists():
-        with np.load(path) as f:
-            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+        try:
+            with np.load(path) as f:
+                return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+        except (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError) as e:
+            # A damaged cache (a crash of another writer, a full disk) is only a cache.
+            warnings.warn(
+                f"The cached MNIST-1D file {path} is damaged ({type(e).__name__}: {e}); "
+                "regenerating it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     from mnist1d.data import get_dataset_args, make_dataset
 

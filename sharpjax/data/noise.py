@@ -24,6 +24,8 @@ noise is drawn once per run, before training, and saved with it.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 NOISE_KINDS = ("none", "symmetric", "asymmetric")
@@ -32,14 +34,31 @@ NOISE_KINDS = ("none", "symmetric", "asymmetric")
 CIFAR10_ASYMMETRIC_MAP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
 
-def _check(labels: np.ndarray, rate: float, num_classes: int) -> np.ndarray:
+def check_rate_and_seed(rate: float, seed: int, rate_name: str = "rate") -> None:
+    """Raises a TypeError/ValueError naming the argument for a bad noise rate or seed.
+
+    A rate must be a real number in ``[0, 1)`` (a string such as ``"0.4"`` is refused rather
+    than parsed); a seed a non-negative integer (NumPy's generators reject negative seeds).
+    """
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(
+            f"{rate_name} must be a number in [0, 1), got {rate!r} ({type(rate).__name__})."
+        )
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"{rate_name} must be in [0, 1), got {rate}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int >= 0, got {seed!r} ({type(seed).__name__}).")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed}.")
+
+
+def _check(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> np.ndarray:
+    check_rate_and_seed(rate, seed)
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}"
         )
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"noise rate must be in [0, 1), got {rate}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 for label noise, got {num_classes}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -61,7 +80,7 @@ def symmetric_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int
     Returns:
       ``int32`` noisy labels, shape ``(N,)``.
     """
-    clean = _check(labels, rate, num_classes)
+    clean = _check(labels, rate, num_classes, seed)
     noisy = clean.copy()
     rng = np.random.default_rng(seed)
     n_flip = round(rate * clean.size)
@@ -93,7 +112,7 @@ def asymmetric_noise(
       ``int32`` noisy labels; exactly ``round(rate * n_c)`` examples of every source class
       ``c`` carry the mapped label.
     """
-    clean = _check(labels, rate, num_classes)
+    clean = _check(labels, rate, num_classes, seed)
     if dataset == "cifar10":
         if num_classes != 10:
             raise ValueError(f"the cifar10 noise map needs num_classes=10, got {num_classes}")
@@ -124,6 +143,7 @@ def apply_label_noise(
     train on clean labels.
     """
     if noise == "none":
+        check_rate_and_seed(rate, seed)
         if rate != 0.0:
             raise ValueError(f"noise='none' needs noise_rate=0, got {rate}")
         return np.asarray(labels).astype(np.int32)
