@@ -144,6 +144,62 @@ def _finish_mean(acc: Any, params: Params, num_micro_steps: int) -> Any:
     return jax.tree.map(lambda a, w: (a / num_micro_steps).astype(w.dtype), acc, params)
 
 
+def _loss_at(loss_fn: LossFn, rng: jax.Array | None) -> LossFn:
+    """``loss_fn`` with its ``rng`` keyword bound (dropout), or ``loss_fn`` itself when None."""
+    if rng is None:
+        return loss_fn
+    return lambda params, model_state, batch: loss_fn(params, model_state, batch, rng=rng)
+
+
+def _micro_keys(rng: jax.Array | None, num_micro_steps: int) -> jax.Array | None:
+    """One key per micro-step (the same in both passes), or None when there is no ``rng``."""
+    return None if rng is None else jax.random.split(rng, num_micro_steps)
+
+
+def accumulated_value_and_grad_fn(
+    loss_fn: LossFn,
+    model_state: ModelState,
+    batch: Batch,
+    num_micro_steps: int = 1,
+    *,
+    axis_name: str | None = None,
+    rng: jax.Array | None = None,
+) -> Callable[[Params], tuple[jax.Array, Any]]:
+    """``value_and_grad_fn(params) -> (loss, gradient)`` of ``loss_fn`` on ``batch``.
+
+    At fixed ``model_state``: the model-state updates and metrics of ``loss_fn`` are dropped
+    (the perturbed pass must not move BatchNorm statistics). With ``num_micro_steps = k > 1``
+    the batch is split into k equal micro-batches and loss and gradient are their means,
+    accumulated in float32 by ``lax.scan``: the full-batch gradient at the activation memory of
+    one micro-batch. With ``axis_name`` (under ``shard_map``) the params are cast to
+    device-varying first, so the gradient is the device's own (see :func:`to_varying`). With
+    ``rng`` (a key), ``loss_fn`` is called with ``rng=`` (its dropout key; micro-step i gets
+    ``split(rng, k)[i]``, as in :func:`make_train_step`'s clean pass).
+    """
+    _check_num_micro_steps(num_micro_steps)
+
+    def value_and_grad_fn(params):
+        params = to_varying(params, axis_name)
+        if num_micro_steps == 1:
+            loss_only = lambda p: _loss_at(loss_fn, rng)(p, model_state, batch)[0]
+            return jax.value_and_grad(loss_only)(params)
+
+        def body(acc, inputs):
+            micro_batch, key = inputs
+            loss_only = lambda p: _loss_at(loss_fn, key)(p, model_state, micro_batch)[0]
+            loss, g = jax.value_and_grad(loss_only)(params)
+            return _accumulate(acc, g), loss
+
+        acc, losses = jax.lax.scan(
+            body,
+            _zeros_f32(params, axis_name),
+            (split_micro_steps(batch, num_micro_steps), _micro_keys(rng, num_micro_steps)),
+        )
+        return jnp.mean(losses.astype(jnp.float32)), _finish_mean(acc, params, num_micro_steps)
+
+    return value_and_grad_fn
+
+
 def accumulated_grad_fn(
     loss_fn: LossFn,
     model_state: ModelState,
@@ -151,39 +207,18 @@ def accumulated_grad_fn(
     num_micro_steps: int = 1,
     *,
     axis_name: str | None = None,
+    rng: jax.Array | None = None,
 ) -> Callable[[Params], Any]:
-    """``grad_fn(params)``: the gradient of ``loss_fn`` on ``batch`` at fixed ``model_state``.
-
-    The model-state updates and metrics of ``loss_fn`` are dropped (the perturbed pass must not
-    move BatchNorm statistics). With ``num_micro_steps = k > 1`` the batch is split into k equal
-    micro-batches and the gradient is their mean, accumulated in float32 by ``lax.scan``: the
-    full-batch gradient at the activation memory of one micro-batch. With ``axis_name`` (under
-    ``shard_map``) the params are cast to device-varying first, so the gradient is the device's
-    own (see :func:`to_varying`).
-    """
-    _check_num_micro_steps(num_micro_steps)
-
-    def loss_only(params, micro_batch):
-        return loss_fn(params, model_state, micro_batch)[0]
-
-    def grad_fn(params):
-        params = to_varying(params, axis_name)
-        if num_micro_steps == 1:
-            return jax.grad(loss_only)(params, batch)
-
-        def body(acc, micro_batch):
-            return _accumulate(acc, jax.grad(loss_only)(params, micro_batch)), None
-
-        acc, _ = jax.lax.scan(
-            body, _zeros_f32(params, axis_name), split_micro_steps(batch, num_micro_steps)
-        )
-        return _finish_mean(acc, params, num_micro_steps)
-
-    return grad_fn
+    """``grad_fn(params)``: the gradient part of :func:`accumulated_value_and_grad_fn`."""
+    value_and_grad_fn = accumulated_value_and_grad_fn(
+        loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name, rng=rng
+    )
+    return lambda params: value_and_grad_fn(params)[1]
 
 
 def _mean_micro_steps(tree: Any) -> Any:
-    """Mean over the leading (micro-step) axis of floating leaves; the last value of others."""
+    """Mean over the leading (micro-step or micro-batch) axis of floating leaves; the last value
+    of others."""
 
     def mean(x):
         if jnp.issubdtype(x.dtype, jnp.floating):
@@ -200,20 +235,25 @@ def _clean_pass(
     batch: Batch,
     num_micro_steps: int,
     axis_name: str | None,
+    rng: jax.Array | None = None,
 ) -> tuple[Any, jax.Array, ModelState, Metrics]:
     """Loss, clean gradient, new model state and metrics, averaged over the micro-steps."""
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     params = to_varying(params, axis_name)
     if num_micro_steps == 1:
+        value_and_grad = jax.value_and_grad(_loss_at(loss_fn, rng), has_aux=True)
         (loss, (new_model_state, metrics)), grads = value_and_grad(params, model_state, batch)
         return grads, loss, new_model_state, metrics
 
-    def body(acc, micro_batch):
+    def body(acc, inputs):
+        micro_batch, key = inputs
+        value_and_grad = jax.value_and_grad(_loss_at(loss_fn, key), has_aux=True)
         (loss, (new_model_state, metrics)), g = value_and_grad(params, model_state, micro_batch)
         return _accumulate(acc, g), (loss, new_model_state, metrics)
 
     acc, outputs = jax.lax.scan(
-        body, _zeros_f32(params, axis_name), split_micro_steps(batch, num_micro_steps)
+        body,
+        _zeros_f32(params, axis_name),
+        (split_micro_steps(batch, num_micro_steps), _micro_keys(rng, num_micro_steps)),
     )
     loss, new_model_state, metrics = _mean_micro_steps(outputs)
     return _finish_mean(acc, params, num_micro_steps), loss, new_model_state, metrics
@@ -231,7 +271,50 @@ def _pmean_floating(tree: Any, axis_name: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# The per-device step.
+# Disturbances (gradient noise, parameter noise, parameter bias).
+# --------------------------------------------------------------------------------------
+
+
+class Disturbances(NamedTuple):
+    """Scales of the disturbances of one step; traced, so a sweep over them compiles once.
+
+    Attributes:
+      grad_noise_std: std of Gaussian noise added to every gradient evaluation (the clean
+        gradient and the second gradient each get their own draw).
+      param_noise_std: std of Gaussian noise added to the params after the step.
+      param_bias: constant added to every param after the step.
+    """
+
+    grad_noise_std: Any = 0.0
+    param_noise_std: Any = 0.0
+    param_bias: Any = 0.0
+
+
+def add_normal(tree: Any, key: jax.Array, std: Any) -> Any:
+    """``tree + std · N(0, 1)``, independent per element, in each leaf's dtype.
+
+    One draw for the whole tree (then split into leaves): XLA compiles a random draw per call
+    site, and one per leaf makes the step's compile time grow with the number of leaves.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
+    noise = jnp.asarray(std, jnp.float32) * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    parts = jnp.split(noise, np.cumsum(sizes)[:-1])
+    noisy = [(x + n.reshape(x.shape)).astype(x.dtype) for x, n in zip(leaves, parts, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _maybe_add_normal(tree: Any, key: jax.Array, std: Any) -> Any:
+    """:func:`add_normal` when ``std > 0`` (a runtime branch: no draw at all when it is 0)."""
+    std = jnp.asarray(std, jnp.float32)
+    # lax.cond, not a Python `if`: std is traced, so one program serves every noise level, and
+    # the draw (a full parameter-sized vector) is skipped at run time when std == 0. Under a
+    # vmap over micro-batches the predicate is unbatched, so it stays a real branch.
+    return jax.lax.cond(std > 0, lambda t: add_normal(t, key, std), lambda t: t, tree)
+
+
+# --------------------------------------------------------------------------------------
+# The step.
 # --------------------------------------------------------------------------------------
 
 
@@ -241,48 +324,145 @@ def make_train_step(
     *,
     axis_name: str | None = None,
     num_micro_steps: int = 1,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The per-device sharpness-aware step ``step(state, batch) -> (state, metrics)``, unmapped.
+    num_microbatches: int = 1,
+    augment: Callable[[jax.Array, Batch], Batch] | None = None,
+    loss_takes_rng: bool = False,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """THE sharpness-aware step ``step(state, batch, key=None, disturbances=None)``, unmapped.
 
-    ``jax.jit`` it on one device (``axis_name=None``), or map it yourself over ``axis_name``;
-    :func:`make_pmap_train_step` and :func:`make_shard_map_train_step` do both for you.
+    Every training path of sharpjax runs this function: ``jax.jit`` of it on a mesh with a
+    sharded batch (GSPMD; the trainer, :func:`make_sharded_train_step`), under ``jax.pmap``
+    (:func:`make_pmap_train_step`) or ``jax.shard_map`` (:func:`make_shard_map_train_step`)
+    with ``axis_name``. As data flows::
+
+        batch ─► [augment(k_aug, batch)]
+              ─► clean pass: value_and_grad(loss_fn)(w, model_state, batch) → loss, g, stats
+                 (k micro-steps accumulated; m micro-batches vmapped → g stacked (m, ...))
+              ─► g [+ σ_g N(0, 1)]
+              ─► tx.update(g, opt_state, w, grad_fn=...)   grad_fn at fixed model_state
+              ─► w + updates [+ σ_w N(0, 1)] [+ b]
+              ─► model_state ← the clean pass's (mean over micro-steps, micro-batches, devices)
 
     Args:
       loss_fn: ``loss_fn(params, model_state, batch) -> (loss, (new_model_state, metrics))``,
-        see :data:`LossFn`.
+        see :data:`LossFn`; with ``loss_takes_rng`` it also takes a keyword ``rng`` (its dropout
+        key; the second pass gets the same key as the clean pass).
       tx: an optax transformation whose sharpjax part takes ``grad_fn`` (e.g.
         ``optax.chain(sharpjax.sam(0.05, axis_name=...), optax.sgd(0.1, momentum=0.9))``),
         built with the same ``axis_name`` as the step.
-      axis_name: the data-parallel axis (None on one device).
-      num_micro_steps: micro-batches per device for gradient accumulation (module docstring).
+      axis_name: the data-parallel axis when mapped with pmap/shard_map; None on one device and
+        under GSPMD (a sharded batch under plain ``jax.jit``).
+      num_micro_steps: gradient accumulation, k micro-steps per (device's) batch (module
+        docstring); ε is computed once from the accumulated gradient.
+      num_microbatches: m > 1 for m-sharpness: the batch is split into m contiguous
+        micro-batches, the clean pass is vmapped over them, ``updates`` are the m stacked
+        gradients and ``grad_fn(params, j)`` is the gradient on micro-batch j (the contract of
+        ``sharpjax.msam`` and of every transformation built with ``num_microbatches=m``). With
+        BatchNorm each micro-batch is normalised with its own statistics (as on m devices) and
+        the new statistics are their mean.
+      augment: ``augment(key, batch) -> batch``, e.g. crop and flip of the inputs; applied to
+        the (device's) batch with the step's augmentation key.
+      loss_takes_rng: pass ``rng=`` to ``loss_fn`` (needs ``key``).
 
     Returns:
-      ``step(state, batch)``. The clean pass runs at ``state.params``; ``grad_fn`` evaluates at
-      the same, fixed ``state.model_state`` and drops its model-state updates; the new model
-      state is the clean pass's, averaged over the micro-steps and, with ``axis_name``, over the
-      devices (floating leaves; with flax ``BatchNorm(axis_name=...)`` the statistics are
-      already device averages and the extra mean changes nothing; non-floating leaves are kept
-      as the device computed them, so under shard_map they must not depend on the data).
-      ``metrics`` holds ``loss`` and the metrics of ``loss_fn``, averaged likewise.
+      ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``. ``key`` (a JAX
+      key, traced) is split into the keys of augmentation, dropout, the two gradient noises and
+      the parameter noise; it is needed when any of those is used. ``disturbances`` is a
+      :class:`Disturbances` of traced scales (None: none). Under ``axis_name``, augmentation and
+      dropout fold in the device index (each device's examples get their own draws), the
+      noises do not (each noise is added to the device-averaged gradient once). ``metrics``
+      holds ``loss``, the metrics of ``loss_fn`` and the optimizer's diagnostics
+      (``sharpjax.diagnostics``), averaged over micro-steps, micro-batches and devices.
     """
     _check_num_micro_steps(num_micro_steps)
+    _check_count("num_microbatches", num_microbatches)
+    from sharpjax.core import diagnostics as read_diagnostics
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(
+        state: TrainState,
+        batch: Batch,
+        key: jax.Array | None = None,
+        disturbances: Disturbances | None = None,
+    ) -> tuple[TrainState, Metrics]:
         params, model_state, opt_state = state
-        grads, loss, new_model_state, metrics = _clean_pass(
-            loss_fn, params, model_state, batch, num_micro_steps, axis_name
+        dist = Disturbances() if disturbances is None else disturbances
+        needs_key = augment is not None or loss_takes_rng or disturbances is not None
+        if key is None and needs_key:
+            raise ValueError(
+                "This step uses randomness (augment, loss_takes_rng or disturbances): call it "
+                "as step(state, batch, key), with a JAX key (e.g. fold_in(root, step_count))."
+            )
+        if key is None:
+            k_aug = k_drop = k_noise1 = k_noise2 = k_param = None
+        else:
+            k_aug, k_drop, k_noise1, k_noise2, k_param = jax.random.split(key, 5)
+            if axis_name is not None:  # each device's examples get their own draws
+                index = jax.lax.axis_index(axis_name)
+                k_aug, k_drop = jax.random.fold_in(k_aug, index), jax.random.fold_in(k_drop, index)
+        if augment is not None:
+            batch = augment(k_aug, batch)
+        rng = k_drop if loss_takes_rng else None
+
+        def noisy(tree, k):
+            return tree if disturbances is None else _maybe_add_normal(tree, k, dist.grad_noise_std)
+
+        if num_microbatches == 1:
+            grads, loss, new_model_state, metrics = _clean_pass(
+                loss_fn, params, model_state, batch, num_micro_steps, axis_name, rng
+            )
+            grads = noisy(grads, k_noise1)
+            second = accumulated_value_and_grad_fn(
+                loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name, rng=rng
+            )
+
+            def value_and_grad_fn(p):
+                loss2, g2 = second(p)
+                return loss2, noisy(g2, k_noise2)
+
+        else:
+            micro = split_microbatches(batch, num_microbatches)
+            micro_rngs = None if rng is None else jax.random.split(rng, num_microbatches)
+
+            def clean(b, r):
+                return _clean_pass(loss_fn, params, model_state, b, num_micro_steps, axis_name, r)
+
+            grads, losses, stats, metrics = jax.vmap(clean)(micro, micro_rngs)
+            loss = jnp.mean(losses)
+            new_model_state, metrics = _mean_micro_steps(stats), _mean_micro_steps(metrics)
+            grads = noisy(grads, k_noise1)
+
+            def value_and_grad_fn(p, j):
+                pick = lambda a: a[j]
+                r = None if micro_rngs is None else micro_rngs[j]
+                loss2, g2 = accumulated_value_and_grad_fn(
+                    loss_fn,
+                    model_state,
+                    jax.tree.map(pick, micro),
+                    num_micro_steps,
+                    axis_name=axis_name,
+                    rng=r,
+                )(p)
+                k = None if k_noise2 is None else jax.random.fold_in(k_noise2, j)
+                return loss2, noisy(g2, k)
+
+        # The clean loss rides along so that the diagnostics carry loss, perturbed_loss and
+        # sharpness; the base optimizers of the chain ignore both extra arguments.
+        updates, opt_state = tx.update(
+            grads, opt_state, params, value_and_grad_fn=value_and_grad_fn, loss=loss
         )
-        grad_fn = accumulated_grad_fn(
-            loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name
-        )
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         params = optax.apply_updates(params, updates)
+        if disturbances is not None:
+            params = _maybe_add_normal(params, k_param, dist.param_noise_std)
+            bias = jnp.asarray(dist.param_bias, jnp.float32)
+            params = jax.tree.map(lambda w: (w + bias).astype(w.dtype), params)
         metrics = {"loss": loss, **metrics}
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         if axis_name is not None:
             new_model_state = _pmean_floating(new_model_state, axis_name)
             metrics = jax.lax.pmean(metrics, axis_name)
-        return TrainState(params, new_model_state, opt_state), metrics
+        # The core's diagnostics are already device means (it averages them over axis_name).
+        diag = {k: jnp.asarray(v, jnp.float32) for k, v in read_diagnostics(opt_state).items()}
+        return TrainState(params, new_model_state, opt_state), {**diag, **metrics}
 
     return step
 
@@ -621,3 +801,146 @@ def make_shard_map_train_step(
       time) that ``tx`` does, through shard_map's replication types.
     """
     return ShardMapTrainStep(loss_fn, tx, mesh, axis_name, num_micro_steps, donate)
+
+
+# --------------------------------------------------------------------------------------
+# GSPMD: plain jax.jit over a mesh, the batch sharded (the trainer's path).
+# --------------------------------------------------------------------------------------
+
+
+def make_mesh(num_devices: int | None = None, axis_name: str = "batch") -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` of ``jax.devices()`` (default: all of them).
+
+    After ``jax.distributed.initialize``, ``jax.devices()`` lists every host's devices, each
+    host's consecutive, so the mesh spans every host.
+    """
+    available = jax.devices()
+    if num_devices is None:
+        num_devices = len(available)
+    if not isinstance(num_devices, int) or not 1 <= num_devices <= len(available):
+        raise ValueError(
+            f"num_devices={num_devices!r} must be an int in [1, {len(available)}] (the devices "
+            f"JAX sees: {len(available)}); use num_devices=None for all of them."
+        )
+    if jax.process_count() > 1 and num_devices != len(available):
+        raise ValueError(
+            f"num_devices={num_devices} on {jax.process_count()} processes: a multi-host run "
+            f"uses every device ({len(available)}); leave num_devices=None."
+        )
+    return Mesh(np.array(available[:num_devices]), (axis_name,))
+
+
+def perturbation_microbatches(mode: str, num_devices: int, group_size: int | None) -> int:
+    """How many perturbations a global batch gets under GSPMD: 1, the devices, or the groups.
+
+    ``"synced"``: one ε from the global-batch gradient (1 device's SAM); ``"per_device"``: one
+    per device's shard (m-sharpness with m = devices); ``"grouped"``: one per group of
+    ``group_size`` consecutive devices. The step then runs with ``num_microbatches`` = this.
+    """
+    if mode == "synced":
+        return 1
+    if mode == "per_device":
+        return num_devices
+    if mode != "grouped":
+        raise ValueError(f"perturbation_mode={mode!r} is not 'per_device', 'synced' or 'grouped'.")
+    if not isinstance(group_size, int) or group_size < 1 or num_devices % group_size:
+        raise ValueError(
+            f"group_size={group_size!r} must be a positive divisor of the {num_devices} devices "
+            f"(perturbation_mode='grouped'): choose one of "
+            f"{[d for d in range(1, num_devices + 1) if num_devices % d == 0]}, or change "
+            "num_devices."
+        )
+    return num_devices // group_size
+
+
+def check_global_batch(
+    batch_size: int, num_devices: int, num_micro_steps: int = 1, num_microbatches: int = 1
+) -> None:
+    """A clear error, before anything compiles, when the global batch does not split evenly."""
+    if batch_size % num_devices:
+        raise ValueError(
+            f"batch_size={batch_size} is not a multiple of the {num_devices} devices "
+            f"(num_devices={num_devices}): use a batch_size that is, or set num_devices to a "
+            "divisor of batch_size."
+        )
+    per = num_microbatches * num_micro_steps
+    if batch_size % per:
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of num_microbatches × num_micro_steps "
+            f"= {num_microbatches} × {num_micro_steps} (perturbation micro-batches, each "
+            "accumulated over num_micro_steps): change batch_size or num_micro_steps."
+        )
+
+
+def shard_batch(mesh: Mesh, local_batch: Batch, axis_name: str = "batch") -> Batch:
+    """The global batch, sharded on its leading axis, from this process's rows.
+
+    With ``n`` processes, process ``i`` passes rows ``[i B/n, (i + 1) B/n)`` of the global
+    batch (the whole batch on one host). The transfer is asynchronous.
+    """
+    sharding = NamedSharding(mesh, P(axis_name))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def replicate_on(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf replicated on every device of ``mesh`` (each process passes the same value)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def make_sharded_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformationExtraArgs,
+    mesh: Mesh,
+    axis_name: str = "batch",
+    *,
+    perturbation_mode: str = "synced",
+    group_size: int | None = None,
+    num_micro_steps: int = 1,
+    augment: Callable[[jax.Array, Batch], Batch] | None = None,
+    loss_takes_rng: bool = False,
+    donate: bool = True,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """:func:`make_train_step` under plain ``jax.jit``, the batch sharded over ``mesh`` (GSPMD).
+
+    Why GSPMD and not shard_map for the trainer: the program is the single-device program, so
+    synced mode on N devices *is* one device's SAM on the global batch, BatchNorm included
+    (statistics over the global batch), with augmentation and dropout drawn for the global
+    batch, and nothing to cast to "varying". Per-device and grouped modes are m-sharpness with
+    one micro-batch per device or per group (:func:`perturbation_microbatches`): the step
+    splits the batch into that many contiguous micro-batches, whose leading axis lines up with
+    the mesh, so the vmapped passes run on their own devices. ``tx`` is therefore built
+    *without* ``axis_name``, with ``num_microbatches`` = that count when it is > 1 (e.g.
+    ``sharpjax.msam(rho, num_microbatches=num_devices)``).
+
+    Returns:
+      ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``, jitted; ``state``
+      replicated (:func:`replicate_on`), ``batch`` sharded (:func:`shard_batch`); outputs are
+      replicated. The input state is donated unless ``donate=False``.
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not an axis of the mesh, whose axes are {mesh.axis_names}."
+        )
+    num_microbatches = perturbation_microbatches(
+        perturbation_mode, mesh.shape[axis_name], group_size
+    )
+    step = make_train_step(
+        loss_fn,
+        tx,
+        num_micro_steps=num_micro_steps,
+        num_microbatches=num_microbatches,
+        augment=augment,
+        loss_takes_rng=loss_takes_rng,
+    )
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, out_shardings=replicated, donate_argnums=(0,) if donate else ())

@@ -207,3 +207,56 @@ def test_workdir_is_created_with_absolute_paths(digits, tmp_path, monkeypatch):
     config = small_config(max_steps_per_epoch=1, checkpoint_every=1, workdir="rel/run")
     train(config, digits)
     assert os.path.isdir(tmp_path / "rel" / "run" / "checkpoints" / "1")
+
+
+def test_seed_and_noise_sweep_compiles_the_step_once(digits):
+    """Seed and disturbance scales are traced: one compiled program serves the whole sweep."""
+    from sharpjax import parallel
+    from sharpjax.train import loop
+
+    sweep = [
+        small_config(optimizer="sam", max_steps_per_epoch=2, seed=seed, grad_noise_std=g, **p)
+        for seed, g, p in [
+            (0, 0.01, {}),
+            (1, 0.01, {}),
+            (0, 0.05, {"param_noise_std": 1e-3}),
+            (0, 0.05, {"param_bias": 1e-3}),
+        ]
+    ]
+    results = [train(config, digits) for config in sweep]
+    model = results[0].model
+    _, step, _ = loop.compiled_functions(model, sweep[0], 2, parallel.make_mesh(None))
+    assert step._cache_size() == 1
+    # ... and every run was different: the seed, the noise scales and the bias reached it.
+    flats = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.params)]) for r in results]
+    for i in range(len(flats)):
+        for j in range(i):
+            assert np.max(np.abs(flats[i] - flats[j])) > 1e-4, (i, j)
+
+
+def test_device_fields_are_checked_before_compiling(digits):
+    with pytest.raises(ValueError, match="batch_size=60 is not a multiple of num_devices=8"):
+        small_config(batch_size=60, num_devices=8)
+    with pytest.raises(ValueError, match="group_size=3 does not divide num_devices=8"):
+        small_config(perturbation_mode="grouped", group_size=3, num_devices=8)
+    with pytest.raises(ValueError, match="only used with perturbation_mode='grouped'"):
+        small_config(group_size=2)
+    with pytest.raises(ValueError, match="perturbation_mode='grouped' needs group_size"):
+        small_config(perturbation_mode="grouped")
+    with pytest.raises(ValueError, match="perturbation_mode='x' is not one of"):
+        small_config(perturbation_mode="x")
+    # This process has one device: asking for 2 fails at once, naming the argument.
+    with pytest.raises(ValueError, match=r"num_devices=2 must be an int in \[1, 1\]"):
+        train(small_config(num_devices=2), digits)
+    with pytest.raises(ValueError, match="num_micro_steps=3 must be >= 1 and divide"):
+        small_config(num_micro_steps=3)
+
+
+def test_gradient_accumulation_in_the_trainer_equals_the_whole_batch(digits):
+    # No BatchNorm, no dropout: k micro-steps give the full-batch gradient (float32 sums).
+    base = small_config(optimizer="sam", max_steps_per_epoch=3)
+    whole = train(base, digits)
+    accumulated = train(base.replace(num_micro_steps=4), digits)
+    pairs = zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

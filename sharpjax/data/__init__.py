@@ -18,7 +18,7 @@ Example::
         xb = augment_crop_flip(key, xb)
 """
 
-from sharpjax.data.batching import augment_crop_flip, iterate_batches
+from sharpjax.data.batching import augment_crop_flip, iterate_batches, prefetch_to_mesh
 from sharpjax.data.dataset import DATASETS, Dataset, load_dataset
 from sharpjax.data.noise import (
     CIFAR10_ASYMMETRIC_MAP,
@@ -40,5 +40,6 @@ __all__ = [
     "augment_crop_flip",
     "iterate_batches",
     "load_dataset",
+    "prefetch_to_mesh",
     "symmetric_noise",
 ]

@@ -43,6 +43,7 @@ OPTIMIZERS = (
 BASE_OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
 NOISE_KINDS = ("none", "symmetric", "asymmetric")
+PERTURBATION_MODES = ("synced", "per_device", "grouped")
 
 # The papers' default radius of each method (the constructors' defaults, see optimizers.py).
 DEFAULT_RHO = {
@@ -103,7 +104,24 @@ class TrainConfig:
       weight_decay: L2 decay, applied by the base optimizer, outside the perturbation.
       lr_schedule: ``"constant"``, ``"cosine"`` (to 0 at the end) or ``"step"`` (x0.1 at 50%
         and 75% of the epochs); all after a linear warm-up of ``warmup_epochs``.
-      epochs: number of epochs. batch_size: examples per step.
+      epochs: number of epochs. batch_size: examples per step (the global batch, over every
+        device and host).
+      num_micro_steps: gradient accumulation: each step's batch is split into this many
+        micro-steps, whose clean gradients are accumulated before ε is computed once and whose
+        second gradients are accumulated at w + ε (full-batch SAM at the activation memory of
+        one micro-step); must divide ``batch_size`` (per perturbation micro-batch).
+
+    Devices (see :mod:`sharpjax.parallel`; the step runs under ``jax.jit`` with the batch
+    sharded over a mesh of ``num_devices`` devices, params and optimizer state replicated):
+      num_devices: devices of the mesh; None: every device JAX sees (every host's after
+        ``jax.distributed.initialize``). Must divide ``batch_size``.
+      perturbation_mode: ``"synced"`` (default: one ε from the global-batch gradient, so the
+        run is the same on any number of devices), ``"per_device"`` (one ε per device's shard,
+        the original SAM's m-sharpness: mSAM with m = num_devices) or ``"grouped"`` (one ε
+        per group of ``group_size`` consecutive devices). With ``optimizer="msam"`` each device
+        or group is further split into ``num_microbatches`` micro-batches.
+      group_size: devices per group with ``perturbation_mode="grouped"``; must divide the
+        device count.
 
     Disturbances (the noise-resistant SAM settings):
       grad_noise_std: std of Gaussian noise added to every gradient evaluation (DP-SGD-like
@@ -152,6 +170,11 @@ class TrainConfig:
     warmup_epochs: int = 0
     epochs: int = 10
     batch_size: int = 128
+    num_micro_steps: int = 1
+    # devices
+    num_devices: int | None = None
+    perturbation_mode: str = "synced"
+    group_size: int | None = None
     # disturbances
     grad_noise_std: float = 0.0
     param_noise_std: float = 0.0
@@ -230,6 +253,34 @@ def _check_types(config: TrainConfig) -> None:
             raise TypeError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__}).")
 
 
+def _check_devices(config: TrainConfig) -> None:
+    """The device fields on their own; the device count itself is checked by the loop."""
+    n, g = config.num_devices, config.group_size
+    if n is not None and n < 1:
+        raise ValueError(f"num_devices must be None (all devices) or >= 1, got {n}.")
+    if config.perturbation_mode == "grouped":
+        if g is None or g < 1:
+            raise ValueError(
+                f"perturbation_mode='grouped' needs group_size, a positive divisor of the "
+                f"device count, got group_size={g!r}."
+            )
+        if n is not None and n % g:
+            raise ValueError(
+                f"group_size={g} does not divide num_devices={n}: choose one of "
+                f"{[d for d in range(1, n + 1) if n % d == 0]}."
+            )
+    elif g is not None:
+        raise ValueError(
+            f"group_size={g} is only used with perturbation_mode='grouped' "
+            f"(perturbation_mode={config.perturbation_mode!r}): remove it or switch the mode."
+        )
+    if n is not None and config.batch_size % n:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not a multiple of num_devices={n}: use a "
+            "batch_size that is, or a num_devices that divides it."
+        )
+
+
 def validate(config: TrainConfig) -> None:
     """Raises a ValueError/TypeError naming the offending field; called on construction.
 
@@ -246,6 +297,8 @@ def validate(config: TrainConfig) -> None:
     _choice("base_optimizer", config.base_optimizer, BASE_OPTIMIZERS)
     _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     _choice("noise", config.noise, NOISE_KINDS)
+    _choice("perturbation_mode", config.perturbation_mode, PERTURBATION_MODES)
+    _check_devices(config)
     if config.optimizer == "sgd" and config.base_optimizer == "adamw":
         raise ValueError(
             "optimizer='sgd' with base_optimizer='adamw' is contradictory: use optimizer='adamw'."
@@ -289,6 +342,11 @@ def validate(config: TrainConfig) -> None:
     ):
         raise ValueError(
             f"num_microbatches={config.num_microbatches} must be >= 1 and divide "
+            f"batch_size={config.batch_size}."
+        )
+    if config.num_micro_steps < 1 or config.batch_size % config.num_micro_steps:
+        raise ValueError(
+            f"num_micro_steps={config.num_micro_steps} must be >= 1 and divide "
             f"batch_size={config.batch_size}."
         )
     for name in ("max_steps_per_epoch", "stop_after_epochs"):
@@ -394,8 +452,23 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
+def perturbation_microbatches(config: TrainConfig, num_devices: int) -> int:
+    """How many perturbations (ε) one global batch gets: the step's ``num_microbatches``.
+
+    The mode's count (1 synced, ``num_devices`` per device, devices/``group_size`` grouped;
+    :func:`sharpjax.parallel.perturbation_microbatches`) times mSAM's ``num_microbatches``;
+    1 for the plain base optimizers, which take no second gradient.
+    """
+    from sharpjax.parallel import perturbation_microbatches as per_mode
+
+    if config.optimizer in BASE_OPTIMIZERS:
+        return 1
+    m = config.num_microbatches if config.optimizer == "msam" else 1
+    return per_mode(config.perturbation_mode, num_devices, config.group_size) * m
+
+
 def make_optimizer(
-    config: TrainConfig, steps_per_epoch: int
+    config: TrainConfig, steps_per_epoch: int, *, num_microbatches: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """The optax chain of a config: sharpness-aware transformation, weight decay, base optimizer.
 
@@ -413,6 +486,12 @@ def make_optimizer(
     The result is always an ``optax.GradientTransformationExtraArgs`` (a chain), so the loop
     can pass ``grad_fn`` to any optimizer; the plain ones ignore it. For ``msam`` the
     ``updates`` are the stacked per-micro-batch gradients (see :func:`sharpjax.msam`).
+
+    ``num_microbatches``: the step's perturbation micro-batches
+    (:func:`perturbation_microbatches`; default: ``config.num_microbatches`` for ``msam``, else
+    1). When it is > 1 the sharpness-aware transformation is built with it, so every method
+    has its m-sharpness form (per-device mode on N devices is m = N); ``sam`` then is
+    ``sharpjax.msam``, which is SAM with one ε per micro-batch.
     """
     if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}.")
@@ -423,31 +502,48 @@ def make_optimizer(
     if name.startswith("saner") and config.saner_warmup_epochs > 0:
         alpha = sharpjax.saner_warmup(alpha, config.saner_warmup_epochs * steps_per_epoch)
 
+    m = num_microbatches
+    if m is None:
+        m = config.num_microbatches if name == "msam" else 1
+    micro = {"num_microbatches": m} if m > 1 else {}
+    if micro and name not in ("sgd", "adamw", "sam", "msam"):
+        import inspect
+
+        if "num_microbatches" not in inspect.signature(sharpjax.sharpness_aware).parameters:
+            raise ValueError(
+                f"optimizer={name!r} with {m} perturbation micro-batches (perturbation_mode="
+                f"{config.perturbation_mode!r}) needs sharpjax.sharpness_aware(..., "
+                "num_microbatches=m), which this sharpjax does not have yet: use "
+                "perturbation_mode='synced', or optimizer='sam'/'msam'."
+            )
+
     if name in ("sgd", "adamw"):
         sharpness = None
+    elif name == "sam" and micro:  # SAM with one ε per micro-batch is mSAM
+        sharpness = sharpjax.msam(rho, num_microbatches=m)
     elif name == "sam":
         sharpness = sharpjax.sam(rho)
     elif name == "asam":
-        sharpness = sharpjax.asam(rho, eta=config.eta)
+        sharpness = sharpjax.asam(rho, eta=config.eta, **micro)
     elif name == "vasso":
-        sharpness = sharpjax.vasso(rho, theta=config.theta)
+        sharpness = sharpjax.vasso(rho, theta=config.theta, **micro)
     elif name == "saner":
-        sharpness = sharpjax.saner(rho, alpha)
+        sharpness = sharpjax.saner(rho, alpha, **micro)
     elif name == "saner_vasso":
         sharpness = sharpjax.saner(
-            rho, alpha, perturbation=sharpjax.vasso_perturbation(config.theta)
+            rho, alpha, perturbation=sharpjax.vasso_perturbation(config.theta), **micro
         )
     elif name == "saner_asam":
         sharpness = sharpjax.saner(
-            rho, alpha, perturbation=sharpjax.adaptive_perturbation(config.eta)
+            rho, alpha, perturbation=sharpjax.adaptive_perturbation(config.eta), **micro
         )
     elif name == "gsam":
         peak = config.learning_rate
-        sharpness = sharpjax.gsam(lambda count: rho * schedule(count) / peak, alpha)
+        sharpness = sharpjax.gsam(lambda count: rho * schedule(count) / peak, alpha, **micro)
     elif name == "msam":
-        sharpness = sharpjax.msam(rho, num_microbatches=config.num_microbatches)
+        sharpness = sharpjax.msam(rho, num_microbatches=m)
     elif name == "noise_resistant_sam":
-        sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu)
+        sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu, **micro)
     else:  # pragma: no cover - validate() rejects it first
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}.")
 

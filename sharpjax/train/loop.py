@@ -1,23 +1,28 @@
-"""One training loop for every optimizer of :data:`~sharpjax.train.config.OPTIMIZERS`.
+"""The host loop around the one sharpness-aware step, sharded over every device.
 
-The jitted step, as data flows (see DESIGN.md)::
+The step is :func:`sharpjax.parallel.make_train_step` (see its docstring for the data flow:
+augmentation, clean pass, ``tx.update(..., grad_fn=...)``, disturbances, BatchNorm statistics
+from the clean pass); this module only jits it over a mesh and runs the epochs, evaluation,
+checkpoints and metrics around it. It runs under plain ``jax.jit`` with the global batch
+sharded on the mesh's ``"batch"`` axis (GSPMD) and params, optimizer state and BatchNorm
+statistics replicated; the mesh spans ``config.num_devices`` devices (default: all devices of
+all hosts). One device is the same program on a mesh of one, and in the default ``"synced"``
+perturbation mode N devices compute what one device computes on the same global batch.
+``"per_device"``/``"grouped"`` are m-sharpness with one micro-batch per device/group
+(:func:`sharpjax.parallel.make_sharded_train_step` says why this design).
 
-    x, y ─► [augment] ─► value_and_grad(loss)(params)      clean loss, g, new batch_stats
-         ─► tx.update(g, opt_state, params, grad_fn=...)   the sharpness-aware chain
-         ─► params + updates [+ param noise + param bias]
-         ─► batch_stats ← the clean pass's updated statistics
-
-``grad_fn`` evaluates the model at the *current* (pre-step) batch statistics, in train mode,
-with the same dropout key as the clean pass, and its own statistics updates are dropped. For
-``msam`` the clean pass is ``m`` micro-batch passes (vmapped; with BatchNorm each micro-batch
-is normalised with its own statistics and the new running statistics are the mean of the
-``m`` updates), ``updates`` are the stacked micro-batch gradients and ``grad_fn(p, j)`` the
-gradient on micro-batch ``j``, as :func:`sharpjax.msam` asks.
+Input pipeline: each process gathers only its rows of every global batch
+(``jax.process_index()``), and batches are transferred to the mesh two steps ahead
+(:func:`sharpjax.data.prefetch_to_mesh`), so step k+1's batch moves while step k runs. The
+TFDS ``data_source`` datasets are NumPy arrays once loaded and go through the same iterator.
+Evaluation is sharded the same way.
 
 Randomness: the init key, and every step's keys (augmentation, dropout, gradient noise,
 parameter noise) are ``fold_in(key(seed), step)`` derivations; the batch order is a function
 of ``(seed, epoch)`` (:func:`sharpjax.data.iterate_batches`). Nothing random is carried from
-step to step, so resuming from a checkpoint reproduces an uninterrupted run bit for bit.
+step to step, so resuming from a checkpoint reproduces an uninterrupted run bit for bit. The
+root key and the disturbance scales are traced inputs of the step, so a seed or noise sweep
+compiles it once (:func:`compiled_functions`).
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import sharpjax
-from sharpjax.data import Dataset, augment_crop_flip, iterate_batches, load_dataset
+from sharpjax import parallel
+from sharpjax.data import (
+    Dataset,
+    augment_crop_flip,
+    iterate_batches,
+    load_dataset,
+    prefetch_to_mesh,
+)
 from sharpjax.models import get_model
 from sharpjax.train import metrics as metrics_lib
 from sharpjax.train.checkpoint import Checkpointer, prepare_workdir
@@ -47,9 +61,11 @@ from sharpjax.train.config import (
     TrainConfig,
     learning_rate_schedule,
     make_optimizer,
+    perturbation_microbatches,
 )
 
 EVAL_BATCH_SIZE = 1024
+BATCH_AXIS = "batch"
 
 
 @dataclasses.dataclass
@@ -124,41 +140,33 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _add_normal(tree: Any, key: jax.Array, std: float) -> Any:
-    """``tree + std · N(0, 1)``, independent per element, in each leaf's dtype.
-
-    One draw for the whole tree (then split into leaves): XLA compiles a random draw per call
-    site, and one per leaf makes the step's compile time grow with the number of leaves.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    sizes = [x.size for x in leaves]
-    noise = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
-    parts = jnp.split(noise, np.cumsum(sizes)[:-1])
-    noisy = [(x + n.reshape(x.shape)).astype(x.dtype) for x, n in zip(leaves, parts, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
-
-
 # --------------------------------------------------------------------------------------
-# The step.
+# The step: sharpjax.parallel.make_train_step, jitted over the mesh with the epoch's sums.
 # --------------------------------------------------------------------------------------
 
+# Config fields that the compiled program does not depend on: the seed and the disturbance
+# scales are traced arguments of the step, and the label noise only changes the data. A sweep
+# over them reuses one compiled step (see compiled_functions).
+TRACED_FIELDS = (
+    "seed",
+    "noise",
+    "noise_rate",
+    "grad_noise_std",
+    "param_noise_std",
+    "param_bias",
+)
 
-def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformationExtraArgs, config: TrainConfig
-) -> Callable:
-    """The jitted ``step(state, sums, x, y) -> (state, sums)``.
 
-    ``state`` is ``{"params", "opt_state", "batch_stats", "step"}``; ``sums`` accumulates the
-    epoch's ``loss``, ``correct``, ``count`` and the optimizer's diagnostics (one value per step).
+def make_loss_fn(model: nn.Module) -> Callable:
+    """``loss_fn(params, batch_stats, (x, y), rng=dropout_key)`` for the one step.
+
+    Train mode; float32 cross-entropy (also under mixed precision) and accuracy as metric.
     """
-    _, step_root = run_keys(config.seed)
-    msam = config.optimizer == "msam"
-    m = config.num_microbatches
 
-    def forward(params, batch_stats, x, y, dropout_key):
-        """Train-mode loss (float32), logits and the updated batch statistics."""
+    def loss_fn(params, batch_stats, batch, rng):
+        x, y = batch
         variables = _variables(params, batch_stats)
-        rngs = {"dropout": dropout_key}
+        rngs = {"dropout": rng}
         if batch_stats:
             logits, mutated = model.apply(
                 variables, x, train=True, mutable=["batch_stats"], rngs=rngs
@@ -168,72 +176,81 @@ def make_train_step(
             logits, new_stats = model.apply(variables, x, train=True, rngs=rngs), batch_stats
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits, new_stats)
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+        return loss, (new_stats, {"accuracy": accuracy})
 
-    def noisy(grads, key):
-        return _add_normal(grads, key, config.grad_noise_std) if config.grad_noise_std else grads
+    return loss_fn
 
-    def step(state, sums, x, y):
-        params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
-        k_aug, k_drop, k_noise1, k_noise2, k_param = jax.random.split(
-            jax.random.fold_in(step_root, state["step"]), 5
-        )
-        if config.augment:
-            x = augment_crop_flip(k_aug, x)
-        clean = jax.value_and_grad(forward, has_aux=True)
-        # The second pass: at the pre-step statistics; its statistics updates are dropped.
-        second = jax.grad(lambda p, x, y, k: forward(p, batch_stats, x, y, k)[0])
 
-        if msam:
-            xs, ys = sharpjax.split_microbatches((x, y), m)
-            drop_keys = jax.random.split(k_drop, m)
-            (losses, (logits, stats)), grads = jax.vmap(clean, in_axes=(None, None, 0, 0, 0))(
-                params, batch_stats, xs, ys, drop_keys
-            )
-            loss = jnp.mean(losses)
-            logits = logits.reshape((-1, logits.shape[-1]))
-            new_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
-            grads = noisy(grads, k_noise1)
+def step_inputs(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The traced per-run inputs of the step: root key and disturbance scales, replicated."""
+    _, step_root = run_keys(config.seed)
+    hyper = {
+        "key": step_root,
+        "disturbances": parallel.Disturbances(
+            np.float32(config.grad_noise_std),
+            np.float32(config.param_noise_std),
+            np.float32(config.param_bias),
+        ),
+    }
+    return parallel.replicate_on(mesh, hyper)
 
-            def grad_fn(p, j):
-                g2 = second(p, xs[j], ys[j], drop_keys[j])
-                return noisy(g2, jax.random.fold_in(k_noise2, j))
 
-        else:
-            (loss, (logits, new_stats)), grads = clean(params, batch_stats, x, y, k_drop)
-            grads = noisy(grads, k_noise1)
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+) -> Callable:
+    """The jitted ``step(state, sums, batch, hyper) -> (state, sums)`` of the trainer.
 
-            def grad_fn(p):
-                return noisy(second(p, x, y, k_drop), k_noise2)
+    It runs :func:`sharpjax.parallel.make_train_step` (the one sharpness-aware step) under
+    ``jax.jit`` with ``batch = (x, y)`` sharded over ``mesh`` (GSPMD) and everything else
+    replicated, and adds its metrics to the epoch's ``sums`` on device. ``state`` is
+    ``{"params", "opt_state", "batch_stats", "step"}``; ``hyper`` is :func:`step_inputs`
+    (the step's key is ``fold_in(hyper["key"], state["step"])``).
+    """
+    num_devices = mesh.devices.size
+    one_step = parallel.make_train_step(
+        make_loss_fn(model),
+        tx,
+        num_micro_steps=config.num_micro_steps,
+        num_microbatches=perturbation_microbatches(config, num_devices),
+        augment=(lambda key, b: (augment_crop_flip(key, b[0]), b[1])) if config.augment else None,
+        loss_takes_rng=True,
+    )
+    disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
 
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-        params = optax.apply_updates(params, updates)
-        if config.param_noise_std:
-            params = _add_normal(params, k_param, config.param_noise_std)
-        if config.param_bias:
-            params = jax.tree.map(lambda w: (w + config.param_bias).astype(w.dtype), params)
-
-        diagnostics = sharpjax.diagnostics(opt_state)
-        new_sums = {
-            "loss": sums["loss"] + loss,
-            "correct": sums["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
-            "count": sums["count"] + y.shape[0],
-            **{k: sums[k] + diagnostics[k].astype(jnp.float32) for k in diagnostics},
-        }
+    def step(state, sums, batch, hyper):
+        key = jax.random.fold_in(hyper["key"], state["step"])
+        train_state = parallel.TrainState(state["params"], state["batch_stats"], state["opt_state"])
+        # Runs without disturbances skip them at trace time; a sweep over non-zero scales (or
+        # over seeds) still compiles once, since the scales are traced.
+        disturbances = hyper["disturbances"] if disturbed else None
+        new, metrics = one_step(train_state, batch, key, disturbances)
+        new_sums = {k: sums[k] + metrics[k] for k in sums}
         new_state = {
-            "params": params,
-            "opt_state": opt_state,
-            "batch_stats": new_stats,
+            "params": new.params,
+            "opt_state": new.opt_state,
+            "batch_stats": new.model_state,
             "step": state["step"] + 1,
         }
         return new_state, new_sums
 
+    replicated = NamedSharding(mesh, P())
+    batched = NamedSharding(mesh, P(BATCH_AXIS))
     # The state and the sums are donated: one copy of the params and optimizer state on device.
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(
+        step,
+        in_shardings=(replicated, replicated, batched, replicated),
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
 
 
 # Jitted steps and predict functions of recent runs, so that runs of the same model and
-# trajectory config (a resumed run, a test's repeated runs) compile once per process.
+# program (a resumed run, a seed or noise sweep, a test's repeated runs) compile once per
+# process.
 _CACHE: dict[Any, Any] = {}
 _CACHE_SIZE = 8
 
@@ -247,29 +264,46 @@ def _cached(key: Any, build: Callable[[], Any]) -> Any:
 
 
 def compiled_functions(
-    model: nn.Module, config: TrainConfig, steps_per_epoch: int
+    model: nn.Module,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, Callable, Callable]:
-    """``(tx, step, predict)`` for a run, reused across runs with the same trajectory.
+    """``(tx, step, predict)`` for a run, reused across runs that compile to the same program.
 
     The key is the model (flax modules compare and hash by their fields), every config field
-    that changes the trajectory (not :data:`~sharpjax.train.config.RUNTIME_FIELDS`) and the
-    number of steps per epoch.
+    that changes the program (not :data:`~sharpjax.train.config.RUNTIME_FIELDS` nor
+    :data:`TRACED_FIELDS`, except whether any disturbance is on), the number of steps per epoch
+    and the mesh's devices. So a sweep over seeds, label noise or disturbance scales reuses one
+    jitted step, which compiles once per input shape.
     """
-    trajectory = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
-    key = (model, json.dumps(trajectory, sort_keys=True), steps_per_epoch)
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.num_devices, BATCH_AXIS)
+    program = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in RUNTIME_FIELDS and k not in TRACED_FIELDS
+    }
+    disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
+    key = (
+        model,
+        json.dumps(program, sort_keys=True),
+        disturbed,
+        steps_per_epoch,
+        tuple(d.id for d in mesh.devices.flat),
+    )
 
     def build():
-        tx = make_optimizer(config, steps_per_epoch)
-        return tx, make_train_step(model, tx, config), make_predict(model)
+        m = perturbation_microbatches(config, mesh.devices.size)
+        tx = make_optimizer(config, steps_per_epoch, num_microbatches=m)
+        return tx, make_train_step(model, tx, config, mesh), make_predict(model, mesh)
 
     return _cached(key, build)
 
 
-def _zero_sums(opt_state: Any) -> dict[str, jax.Array]:
-    """Fresh (distinct, since they are donated) zero accumulators for an epoch."""
-    names = ("loss", *sharpjax.diagnostics(opt_state))
-    sums = {name: jnp.zeros([], jnp.float32) for name in names}
-    return {**sums, "correct": jnp.zeros([], jnp.int32), "count": jnp.zeros([], jnp.int32)}
+def _zero_sums(opt_state: Any, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Fresh (distinct, since they are donated) zero accumulators for an epoch, replicated."""
+    names = ("loss", "accuracy", *sharpjax.diagnostics(opt_state))
+    return parallel.replicate_on(mesh, {name: np.zeros([], np.float32) for name in names})
 
 
 # --------------------------------------------------------------------------------------
@@ -277,25 +311,53 @@ def _zero_sums(opt_state: Any) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------------------
 
 
-def make_predict(model: nn.Module) -> Callable:
-    """Jitted ``predict(params, batch_stats, x) -> float32 logits`` in eval mode."""
+def make_predict(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+    """Jitted ``predict(params, batch_stats, x) -> float32 logits`` in eval mode.
+
+    ``x`` is sharded over ``mesh``'s batch axis; the logits come back replicated, so every
+    process can read all of them.
+    """
 
     def predict(params, batch_stats, x):
         logits = model.apply(_variables(params, batch_stats), x, train=False)
         return logits.astype(jnp.float32)
 
-    return jax.jit(predict)
+    replicated = NamedSharding(mesh, P())
+    batched = NamedSharding(mesh, P(BATCH_AXIS))
+    jitted = jax.jit(
+        predict, in_shardings=(replicated, replicated, batched), out_shardings=replicated
+    )
+    return _Predict(jitted, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Predict:
+    """A jitted predict function and the mesh its inputs are sharded over."""
+
+    fn: Callable
+    mesh: jax.sharding.Mesh
+
+    def __call__(self, params: Any, batch_stats: Any, x: Any) -> jax.Array:
+        return self.fn(params, batch_stats, x)
 
 
 def predict_all(predict: Callable, params: Any, batch_stats: Any, x: np.ndarray) -> np.ndarray:
-    """Logits of every example, in fixed-size (padded) batches so ``predict`` compiles once."""
-    size = EVAL_BATCH_SIZE
+    """Logits of every example, in fixed-size (padded) batches so ``predict`` compiles once.
+
+    The batch size is ``EVAL_BATCH_SIZE`` rounded up to a multiple of the mesh's devices; every
+    process holds ``x`` (evaluation sets are small) and the chunks are sharded from it.
+    """
+    mesh = predict.mesh
+    n = mesh.devices.size
+    size = -(-EVAL_BATCH_SIZE // n) * n
+    sharding = NamedSharding(mesh, P(BATCH_AXIS))
     out = []
     for start in range(0, len(x), size):
         chunk = x[start : start + size]
         pad = size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        chunk = jax.make_array_from_callback(chunk.shape, sharding, lambda i, c=chunk: c[i])
         out.append(np.asarray(predict(params, batch_stats, chunk))[: size - pad])
     return np.concatenate(out)
 
@@ -421,10 +483,19 @@ def train(
         )
     model = model if model is not None else build_model(config, dataset.num_classes)
     _check_data(config, dataset, model)
+    # The mesh and the batch split, checked before anything compiles.
+    mesh = parallel.make_mesh(config.num_devices, BATCH_AXIS)
+    parallel.check_global_batch(
+        config.batch_size,
+        mesh.devices.size,
+        config.num_micro_steps,
+        perturbation_microbatches(config, mesh.devices.size),
+    )
     steps_per_epoch = len(dataset.x_train) // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    tx, step_fn, predict = compiled_functions(model, config, steps_per_epoch)
+    tx, step_fn, predict = compiled_functions(model, config, steps_per_epoch, mesh)
+    hyper = step_inputs(config, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)
 
     params, batch_stats = init_model(model, dataset.x_train, config.seed)
@@ -458,35 +529,40 @@ def train(
         _save_labels(workdir, dataset)
         metrics_lib.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
 
-    # The step donates its inputs, and an init may share one buffer between leaves: copy.
-    state = jax.tree.map(jnp.array, state)
+    # Replicated on the mesh; fresh buffers, since the step donates them and an init may
+    # share one buffer between leaves.
+    state = parallel.replicate_on(mesh, state)
     last_epoch = config.epochs
     if config.stop_after_epochs is not None:
         last_epoch = min(last_epoch, config.stop_after_epochs)
 
     for epoch in range(start_epoch, last_epoch):
         start = time.perf_counter()
-        sums = _zero_sums(state["opt_state"])
-        batches = iterate_batches(
+        sums = _zero_sums(state["opt_state"], mesh)
+        # This process's rows of each global batch, on the mesh two steps ahead.
+        local = iterate_batches(
             dataset.x_train,
             dataset.y_train,
             batch_size=config.batch_size,
             seed=config.seed,
             epoch=epoch,
+            num_shards=jax.process_count(),
+            shard_index=jax.process_index(),
         )
+        batches = prefetch_to_mesh(itertools.islice(local, steps_per_epoch), mesh, BATCH_AXIS)
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=not config.progress,
             leave=False,
         )
-        for i, (xb, yb) in enumerate(itertools.islice(batches, steps_per_epoch)):
-            state, sums = step_fn(state, sums, xb, yb)
+        for i, batch in enumerate(batches):
+            state, sums = step_fn(state, sums, batch, hyper)
             bar.update(1)
             if config.progress and (i % 10 == 9 or i == steps_per_epoch - 1):
                 bar.set_postfix(
                     loss=f"{float(sums['loss']) / (i + 1):.4f}",
-                    acc=f"{int(sums['correct']) / int(sums['count']):.3f}",
+                    acc=f"{float(sums['accuracy']) / (i + 1):.3f}",
                 )
         bar.close()
         sums = jax.device_get(sums)
@@ -498,14 +574,14 @@ def train(
             "step": step,
             "learning_rate": float(schedule(step - 1)),
             "train_loss": float(sums["loss"]) / steps_per_epoch,
-            "train_accuracy": int(sums["correct"]) / int(sums["count"]),
+            "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
             "train_accuracy_clean": None,
             "memorization": None,
             "test_loss": None,
             "test_accuracy": None,
         }
         for key in sums:
-            if key not in ("loss", "correct", "count"):  # the optimizer's diagnostics
+            if key not in ("loss", "accuracy"):  # the optimizer's diagnostics
                 record[key] = float(sums[key]) / steps_per_epoch
         # Not on a stop_after_epochs epoch: an interrupted run keeps the history of a whole one.
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:

@@ -1,0 +1,103 @@
+"""The trainer on several hosts: every host runs this script, one process per host.
+
+Host 0 is the coordinator; every process gets the same flags except ``--process-id``::
+
+    # on host 0 (10.0.0.1)
+    python experiments/train_multihost.py --coordinator 10.0.0.1:1234 --num-processes 2 \
+        --process-id 0 -- --dataset=cifar10 --model=resnet18 --optimizer=sam --augment
+    # on host 1
+    python experiments/train_multihost.py --coordinator 10.0.0.1:1234 --num-processes 2 \
+        --process-id 1 -- --dataset=cifar10 --model=resnet18 --optimizer=sam --augment
+
+Everything after ``--`` is a ``python -m sharpjax.train`` override (a ``TrainConfig`` field).
+``jax.distributed.initialize`` joins the processes; the trainer then builds its mesh over
+``jax.devices()``, every device of every host, shards each global batch of ``batch_size``
+examples over it (each process gathers only its ``batch_size / num_processes`` rows) and keeps
+params and optimizer state replicated. Checkpoints and metrics files are written by process 0
+only when ``--workdir`` is given to it alone; give every process the same ``--seed``.
+
+Without ``--coordinator`` (or with ``--num-processes 1``) it is a plain single-process run.
+On Cloud TPU, SLURM or Open MPI pass ``--auto`` instead: ``jax.distributed.initialize()`` then
+finds everything itself. CPU-only clusters use gloo collectives (``--cpu-collectives gloo``,
+what the test suite uses on localhost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1 :]
+    else:
+        overrides = []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coordinator", help="host:port of process 0 (e.g. 10.0.0.1:1234)")
+    parser.add_argument("--num-processes", type=int, default=1, help="processes in all")
+    parser.add_argument("--process-id", type=int, default=0, help="this process, 0-based")
+    parser.add_argument(
+        "--auto", action="store_true", help="jax.distributed.initialize() with no arguments"
+    )
+    parser.add_argument("--cpu-collectives", choices=("gloo", "mpi"), default=None)
+    parser.add_argument(
+        "--out", help="save final params and history here (.npz; '{process_id}' is filled in)"
+    )
+    args = parser.parse_args(argv)
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        parser.error(
+            f"--process-id {args.process_id} must lie in [0, --num-processes {args.num_processes})"
+        )
+    if args.num_processes > 1 and not (args.coordinator or args.auto):
+        parser.error("--num-processes > 1 needs --coordinator HOST:PORT (or --auto)")
+    return args, overrides
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parse(argv)
+    import jax
+
+    if args.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+    if args.auto:
+        jax.distributed.initialize()
+    elif args.num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+
+    import numpy as np
+
+    from sharpjax.train import train
+    from sharpjax.train.config import config_from_args
+
+    config = config_from_args(overrides)
+    if jax.process_index() != 0 and config.workdir:
+        config = config.replace(workdir=None, checkpoint_every=0)  # process 0 writes
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices",
+        flush=True,
+    )
+    result = train(config)
+    if args.out:
+        flat = [np.asarray(x).ravel() for x in jax.tree.leaves(result.params)]
+        np.savez(
+            args.out.format(process_id=jax.process_index()),
+            params=np.concatenate(flat),
+            train_loss=np.array([r["train_loss"] for r in result.history]),
+            test_accuracy=np.array([r["test_accuracy"] or np.nan for r in result.history]),
+            device_count=np.array(jax.device_count()),
+        )
+    if jax.process_index() == 0:
+        print({k: result.final.get(k) for k in ("train_loss", "test_accuracy")}, flush=True)
+    if args.num_processes > 1 or args.auto:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
