@@ -9,6 +9,10 @@ evaluation) or the hand loop's wall time to its last ``block_until_ready``; the 
 every run is dropped (compilation, warm-up) and we report medians and their ratio
 (target: trainer / hand ≥ 0.95).
 
+Precision section (``--section precision``): final test accuracy of float32 and bfloat16
+(``mixed_precision=True``) runs of the same config over ``--seeds`` seeds, and the paired
+difference (same seed: same init and batch order).
+
 GPU section (``--section gpu``, one command on a machine with a GPU): ResNet-18 on
 CIFAR-shaped synthetic data (32x32x3, 10 classes), batch 128 and 512, float32 and bfloat16:
 images/s of SGD, SAM and mSAM (m = 4) through :func:`sharpjax.parallel.make_train_step`
@@ -19,6 +23,7 @@ recorded with every figure.
 
     python experiments/bench_trainer.py --section cpu --out results/benchmarks/trainer.json
     python experiments/bench_trainer.py --section gpu --out results/benchmarks/trainer_gpu.json
+    python experiments/bench_trainer.py --section precision --epochs 20
 """
 
 from __future__ import annotations
@@ -215,9 +220,52 @@ def gpu_section(args) -> dict:
     return {"rows": rows}
 
 
+# --------------------------------------------------------------------------------------
+# Mixed precision: does bf16 SAM train as well as float32? (accuracy, not speed)
+# --------------------------------------------------------------------------------------
+
+
+def precision_section(args) -> dict:
+    dataset = load_dataset(args.dataset)
+    rows = {}
+    for precision in ("f32", "bf16"):
+        finals = []
+        for seed in range(args.seeds):
+            config = TrainConfig(
+                dataset=args.dataset,
+                model=args.model,
+                model_kwargs=json.loads(args.model_kwargs),
+                optimizer=args.optimizer,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=seed,
+                mixed_precision=precision == "bf16",
+                eval_every=args.epochs,
+                progress=False,
+            )
+            finals.append(train(config, dataset).final["test_accuracy"])
+        rows[precision] = finals
+    paired = np.array(rows["bf16"]) - np.array(rows["f32"])
+    out = {
+        "device": device_name(),
+        "command_args": vars(args),
+        "test_accuracy": rows,
+        "bf16_minus_f32_mean": float(paired.mean()),
+        "bf16_minus_f32_std": float(paired.std(ddof=1)) if len(paired) > 1 else 0.0,
+    }
+    print(
+        f"[{out['device']}] {args.optimizer} {args.model} on {args.dataset}, {args.epochs} epochs,"
+        f" {args.seeds} seeds: f32 {np.mean(rows['f32']):.4f} ± {np.std(rows['f32'], ddof=1):.4f},"
+        f" bf16 {np.mean(rows['bf16']):.4f} ± {np.std(rows['bf16'], ddof=1):.4f}, paired "
+        f"bf16 − f32 {out['bf16_minus_f32_mean']:+.4f} ± {out['bf16_minus_f32_std']:.4f}"
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--section", choices=("cpu", "gpu", "all"), default="cpu")
+    parser.add_argument("--section", choices=("cpu", "gpu", "all", "precision"), default="cpu")
+    parser.add_argument("--seeds", type=int, default=3, help="precision: seeds per precision")
     parser.add_argument("--dataset", default="mnist1d")
     parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--model_kwargs", default="{}")
@@ -234,6 +282,8 @@ def main() -> None:
         if args.section == "gpu":
             return
     out = {"hardware": {"machine": platform.processor(), "cpus": os.cpu_count()}}
+    if args.section == "precision":
+        out["precision"] = precision_section(args)
     if args.section in ("cpu", "all"):
         out["cpu"] = cpu_section(args)
     if args.section in ("gpu", "all") and jax.devices()[0].platform != "cpu":

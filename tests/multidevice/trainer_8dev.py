@@ -49,7 +49,8 @@ def flat(tree) -> np.ndarray:
 
 
 def diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
 def history_diff(a, b, key: str) -> float:
@@ -73,6 +74,7 @@ def config(**changes) -> TrainConfig:
 
 
 def compare(r: dict, name: str, one, many) -> None:
+    print(name, flush=True)
     r[f"{name}_params"] = diff(flat(one.params), flat(many.params))
     r[f"{name}_batch_stats"] = diff(flat(one.batch_stats), flat(many.batch_stats))
     r[f"{name}_train_loss"] = history_diff(one, many, "train_loss")
@@ -111,7 +113,11 @@ def main(out_path: str) -> None:
 
     data32 = images32()
     cfg = config(dataset="cifar10", augment=True, batch_size=32, max_steps_per_epoch=4)
-    compare(r, "augment", train(cfg.replace(num_devices=1), data32), train(cfg, data32))
+    one = train(cfg.replace(num_devices=1), data32)
+    compare(r, "augment", one, train(cfg, data32))
+    r["augment_vs_plain"] = diff(
+        flat(one.params), flat(train(cfg.replace(augment=False), data32).params)
+    )
 
     cfg = config(num_micro_steps=2, grad_noise_std=0.01)
     one = train(cfg.replace(num_devices=1), digits, model=BNNet())

@@ -1,0 +1,150 @@
+"""The trainer on several devices and several processes (subprocesses with forced CPU devices).
+
+``tests/multidevice/trainer_8dev.py`` runs the trainer on 8 forced CPU devices and on 1, and
+reports differences; ``experiments/train_multihost.py`` runs it as 2 processes × 2 devices
+(``jax.distributed`` on localhost, gloo) and as 1 process × 4 devices. The references are the
+trainer on one device (synced mode computes the same program on the global batch, so only
+float32 summation order differs), mSAM with m = devices on one device (per-device mode), and
+the uninterrupted run (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_parallel import REPO, _free_port, _subprocess_env
+
+TIMEOUT_S = 420
+# float32: the 8-device program sums the batch in another order (≈1e-7 relative per sum); over
+# 6 SGD steps with momentum at lr 0.05 on params of size ≤ 1 that stays far below this.
+TOL = 2e-5
+DIFFERENT = 1e-3
+# bf16 SAM vs float32 SAM on digits, mean test accuracy over 3 seeds (450 test examples).
+BF16_MARGIN = 0.02
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("trainer") / "trainer_8dev.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multidevice.trainer_8dev", str(out)],
+        cwd=REPO,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", ["bn", "augment", "accumulation"])
+def test_synced_on_8_devices_equals_1_device(eight, name):
+    for what in ("params", "batch_stats", "train_loss", "test_loss", "grad_norm"):
+        assert eight[f"{name}_{what}"] < TOL, (name, what, eight[f"{name}_{what}"])
+
+
+def test_the_8_device_comparisons_can_fail(eight):
+    # The BatchNorm statistics moved away from their init, and accumulation with BatchNorm
+    # (per-micro-step statistics) is a different run from the plain one.
+    assert eight["bn_stats_moved"] > DIFFERENT
+    assert eight["accumulation_vs_plain"] > DIFFERENT
+    assert eight["augment_vs_plain"] > DIFFERENT  # the crops and flips changed the run
+
+
+def test_per_device_mode_equals_msam_with_one_microbatch_per_device(eight):
+    for what in ("params", "train_loss", "grad_norm"):
+        assert eight[f"per_device_vs_msam8_{what}"] < TOL, what
+        assert eight[f"grouped2_vs_msam4_{what}"] < TOL, what
+    assert eight["per_device_vs_synced"] > DIFFERENT
+
+
+def test_resume_after_a_stop_is_bit_identical_on_8_devices(eight):
+    assert eight["resume_params"] == 0.0
+    assert eight["resume_batch_stats"] == 0.0
+    assert eight["resume_history_equal"]
+
+
+def test_mixed_precision_on_8_devices(eight):
+    assert eight["bf16_finite"] and eight["f32_finite"]
+    for first, last in eight["bf16_train_loss_first_last"]:
+        assert last < 0.5 * first
+    bf16, f32 = np.mean(eight["bf16_test_accuracy"]), np.mean(eight["f32_test_accuracy"])
+    assert f32 > 0.85  # chance is 0.10
+    assert abs(bf16 - f32) < BF16_MARGIN, (eight["bf16_test_accuracy"], eight["f32_test_accuracy"])
+
+
+def test_bad_device_input_is_a_clear_error(eight):
+    assert "batch_size=60 is not a multiple of the 8 devices" in eight["bad_batch_for_devices"]
+    assert "num_devices=16 must be an int in [1, 8]" in eight["bad_num_devices"]
+    assert "group_size=3 must be a positive divisor of the 8 devices" in eight["bad_group_size"]
+
+
+def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> list[dict]:
+    port = _free_port()
+    env = _subprocess_env()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    overrides = [
+        "--dataset=digits",
+        "--model=mlp",
+        '--model_kwargs={"hidden_sizes": [16]}',
+        "--optimizer=sam",
+        "--epochs=2",
+        "--batch_size=64",
+        "--max_steps_per_epoch=3",
+        "--learning_rate=0.05",
+        "--progress=false",
+    ]
+    out = str(tmp_path / f"p{num_processes}_{{process_id}}.npz")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "experiments/train_multihost.py",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(num_processes),
+                "--process-id",
+                str(i),
+                "--cpu-collectives",
+                "gloo",
+                "--out",
+                out,
+                "--",
+                *overrides,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {i}:\n{logs[i][-4000:] if i < len(logs) else ''}"
+    return [dict(np.load(out.format(process_id=i))) for i in range(num_processes)]
+
+
+def test_trainer_on_2_processes_equals_1_process_with_as_many_devices(tmp_path):
+    two = _run_multihost(tmp_path, 2, 2)
+    one = _run_multihost(tmp_path, 1, 4)
+    assert int(two[0]["device_count"]) == 4 and int(one[0]["device_count"]) == 4
+    for key in ("params", "train_loss", "test_accuracy"):
+        np.testing.assert_array_equal(two[0][key], two[1][key])  # replicated on both
+        np.testing.assert_allclose(two[0][key], one[0][key], atol=TOL, rtol=0, err_msg=key)
