@@ -1,28 +1,37 @@
-"""Data-parallel sharpness-aware training steps: ``jax.pmap``, ``jax.shard_map``, multi-host.
+"""THE sharpness-aware training step, and the ways to run it on many devices and hosts.
 
-One step, whatever runs it, on each device's shard of the batch::
+One step (:func:`make_train_step`), whatever runs it, on its batch::
 
-    (loss, aux), g = value_and_grad(loss_fn)(w, model_state, shard)   clean pass, local g
-    grad_fn        = p ↦ ∇ loss_fn(p, model_state, shard)             fixed model state
-    updates, opt   = tx.update(g, opt, w, grad_fn=grad_fn)            ε, 2nd pass, averaging
+    (loss, aux), g = value_and_grad(loss_fn)(w, model_state, batch)   clean pass
+    value_and_grad_fn = p ↦ value_and_grad(loss_fn)(p, model_state, batch) at fixed model state
+    updates, opt   = tx.update(g, opt, w, value_and_grad_fn=..., loss=loss)  ε, 2nd pass
     w              = w + updates
-    model_state    = device mean of the clean pass's new model state (BatchNorm statistics)
+    model_state    = the clean pass's new model state (BatchNorm statistics)
 
-``tx`` is an ``optax.chain`` whose sharpjax transformation was built with the same
-``axis_name`` (e.g. ``sharpjax.sam(0.05, axis_name="batch", perturbation_mode="synced")``): the
-transformation averages the final gradient over the axis and decides which gradient the
-perturbation uses (the device's own, the all-device mean, or a group mean; see
-:func:`sharpjax.sharpness_aware`). The steps here never average gradients themselves.
+plus optional augmentation, dropout keys, gradient accumulation, m-sharpness micro-batches,
+gradient/parameter noise and parameter bias (traced scales, :class:`Disturbances`), and the
+optimizer's diagnostics in its metrics. ``sharpjax.train`` runs exactly this function.
 
+Three ways to run it on N devices:
+
+* :func:`make_sharded_train_step` (the trainer's way): plain ``jax.jit`` over a
+  :func:`make_mesh`, the global batch sharded on its leading axis (GSPMD), params and
+  optimizer state replicated, no ``axis_name``. Synced mode is then literally one device's
+  program on the global batch; per-device and grouped modes are m-sharpness with one
+  micro-batch per device or per group (:func:`perturbation_microbatches`). This is the
+  simplest design that gives every mode: no cast to "varying", BatchNorm over the global batch
+  for free, the same random draws as on one device, the same code on one host or many.
 * :func:`make_pmap_train_step`: ``jax.pmap`` over the local devices; the state is replicated
   with a leading device axis (:func:`replicate`), the batch has shape ``(devices, B/devices, ...)``.
 * :func:`make_shard_map_train_step`: ``jax.jit`` of ``jax.shard_map`` over a
-  ``jax.sharding.Mesh``, the path JAX recommends, and the one that runs on several hosts
-  (``jax.distributed.initialize``). Params and model state are replicated; the optimizer state
-  is replicated too, except the leaves that differ between devices (VaSSO's ``d`` in per-device
+  ``jax.sharding.Mesh``. Params and model state are replicated; the optimizer state is
+  replicated too, except the leaves that differ between devices (VaSSO's ``d`` in per-device
   mode), which get a leading device axis sharded over the mesh.
-* :func:`make_train_step`: the per-device step itself, to ``jax.jit`` on one device or to map
-  yourself.
+
+With pmap and shard_map, ``tx``'s sharpjax transformation is built with the step's
+``axis_name`` (e.g. ``sharpjax.sam(0.05, axis_name="batch", perturbation_mode="synced")``):
+it averages the final gradient over the axis and decides which gradient the perturbation uses
+(see :func:`sharpjax.sharpness_aware`); the steps never average gradients themselves.
 
 Under ``shard_map`` with its default checks (``check_vma=True``), the gradient with respect to
 a replicated (device-invariant) parameter comes back already summed over the devices. The step

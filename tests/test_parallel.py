@@ -39,6 +39,7 @@ from tests.multidevice.common import (
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-6  # float32: the parallel sums are reordered, nothing else differs
+LR_PLAIN = 0.1
 DIFFERENT = 1e-3  # what "gives different parameters" means here
 SUBPROCESS_TIMEOUT_S = 240
 
@@ -279,3 +280,53 @@ def test_bad_micro_steps_and_mesh_axis():
     step = parallel.make_shard_map_train_step(loss_fn, tx, mesh, num_micro_steps=3)
     with pytest.raises(ValueError, match="multiple of devices"):
         step(step.init(init_params()), step.shard_batch(make_batches(1, 8)[0]))
+
+
+def test_sharded_step_on_a_mesh_of_one_equals_full_batch_sam():
+    # The GSPMD step (the trainer's) with synced mode is one device's SAM on the global batch.
+    params, batches = init_params(), make_batches(5, 32)
+    tx = optax.chain(sharpjax.sam(RHO), sgd())
+    mesh = parallel.make_mesh(1)
+    step = parallel.make_sharded_train_step(parallel.stateless(mlp_loss), tx, mesh)
+    state = parallel.replicate_on(mesh, TrainState(params, {}, tx.init(params)))
+    got = []
+    for batch in batches:
+        state, metrics = step(state, parallel.shard_batch(mesh, batch))
+        got.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]))
+    np.testing.assert_allclose(
+        np.stack(got), full_batch_reference(sharpjax.sam(RHO), params, batches), atol=TOL, rtol=0
+    )
+    assert np.isfinite(float(metrics["cosine"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_disturbances_are_the_equations():
+    # grad noise: g + σ z with the step's own key; bias: w + b after the update (SGD, no SAM).
+    params, batch = init_params(), make_batches(1, 16)[0]
+    tx = optax.sgd(LR_PLAIN)
+    step = jax.jit(parallel.make_train_step(parallel.stateless(mlp_loss), tx))
+    state = TrainState(params, {}, tx.init(params))
+    key = jax.random.key(7)
+    noisy, _ = step(state, batch, key, parallel.Disturbances(0.1, 0.0, 0.01))
+    _, _, k_noise1, _, _ = jax.random.split(key, 5)
+    g = parallel.add_normal(jax.grad(mlp_loss)(params, batch), k_noise1, 0.1)
+    want = jax.tree.map(lambda w, d: w - LR_PLAIN * d + 0.01, params, g)
+    for a, b in zip(jax.tree.leaves(noisy.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    zero, _ = step(state, batch, key, parallel.Disturbances(0.0, 0.0, 0.0))
+    plain = jax.tree.map(lambda w, d: w - LR_PLAIN * d, params, jax.grad(mlp_loss)(params, batch))
+    for a, b in zip(jax.tree.leaves(zero.params), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-6)
+    assert step._cache_size() == 1  # both scales ran through one program
+
+
+def test_bad_global_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch_size=30 is not a multiple of the 4 devices"):
+        parallel.check_global_batch(30, 4)
+    with pytest.raises(ValueError, match="num_microbatches × num_micro_steps = 4 × 3"):
+        parallel.check_global_batch(32, 2, num_micro_steps=3, num_microbatches=4)
+    with pytest.raises(
+        ValueError, match=r"group_size=3 must be a positive divisor .* \[1, 2, 4, 8\]"
+    ):
+        parallel.perturbation_microbatches("grouped", 8, 3)
+    assert parallel.perturbation_microbatches("per_device", 8, None) == 8
+    assert parallel.perturbation_microbatches("grouped", 8, 2) == 4
