@@ -15,6 +15,7 @@ from sharpjax.train import (
     learning_rate_schedule,
     make_optimizer,
 )
+from sharpjax.train.config import build_parser, field_help
 from tests.helpers import cross_entropy, tiny_mlp_params, toy_batches
 
 
@@ -188,3 +189,95 @@ def test_make_optimizer_saner_warmup_and_gsam_rho_schedule():
         state = update(state)
         rho_t = float(sharpjax.diagnostics(state)["rho"])
         assert rho_t == pytest.approx(0.2 * float(schedule(t)) / 0.1, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# The command line a person reads: python -m sharpjax.train.
+# --------------------------------------------------------------------------------------
+
+
+def _run_cli(argv, capsys):
+    from sharpjax.train.__main__ import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_has_every_option_with_description_and_default(capsys):
+    import dataclasses
+    import json
+
+    code, out, _ = _run_cli(["--help"], capsys)
+    assert code == 0
+    # Plain text: no reStructuredText roles or literals left.
+    assert "``" not in out and ":func:" not in out and ":data:" not in out
+    assert "python -m sharpjax.train --dataset=digits" in out  # the offline example
+    helps = {
+        action.dest: action.help
+        for action in build_parser()._actions
+        if action.dest != "help"  # argparse's own
+    }
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in out
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else json.dumps(default)
+        assert helps[f.name].endswith(f"(default: {shown})"), f.name
+        assert "(not described)" not in helps[f.name], f"{f.name}: not in the docstring"
+
+
+def test_help_descriptions_come_from_the_docstring():
+    docs = field_help()
+    # Two fields described on one line of the docstring are told apart.
+    assert docs["epochs"][1] == "number of epochs."
+    assert docs["batch_size"][1].startswith("examples per step")
+    assert docs["theta"][1] == "VaSSO's θ (also saner_vasso)."
+    assert docs["eta"][1] == "ASAM's η (also saner_asam)."
+    # Continuation lines are joined, markup removed, sections kept.
+    assert docs["augment"] == (
+        "Data",
+        "random crop (4-pixel padding) and horizontal flip; 32x32 images only.",
+    )
+    assert docs["seed"][0] == "Run"
+
+
+def test_help_example_is_an_offline_config():
+    from sharpjax.train.config import CLI_EXAMPLE
+
+    argv = CLI_EXAMPLE.split()[3:]  # after "python -m sharpjax.train"
+    config = config_from_args(argv)
+    assert config.dataset in ("digits", "mnist1d") and config.data_dir is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr=0.1"], r"Unknown TrainConfig field\(s\) \['lr'\]"),
+        (["--optimizer=adam"], "optimizer='adam' is not one of"),
+        (["--epochs"], "--epochs needs a value"),
+        (["--seed=-1"], "seed must be >= 0"),
+        (["--dataset=digits", "--model=cnn1d"], r"cnn1d.*\(8, 8, 1\)"),
+    ],
+)
+def test_cli_user_errors_print_one_line_and_exit_2(argv, message, capsys, monkeypatch):
+    import re
+
+    monkeypatch.delenv("SHARPJAX_TRACEBACK", raising=False)
+    code, out, err = _run_cli([*argv, "--progress=false"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("python -m sharpjax.train: error: ") and err.count("\n") == 1
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_cli_unprepared_dataset_exits_2_with_build_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SHARPJAX_TRACEBACK", raising=False)
+    code, _, err = _run_cli(["--dataset=cifar10", f"--data_dir={tmp_path}"], capsys)
+    assert code == 2 and "tfds build cifar10" in err and "Traceback" not in err
+
+
+def test_cli_traceback_on_request(monkeypatch):
+    from sharpjax.train.__main__ import main
+
+    monkeypatch.setenv("SHARPJAX_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="optimizer='adam'"):
+        main(["--optimizer=adam"])

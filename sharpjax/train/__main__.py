@@ -1,27 +1,48 @@
-"""Command line: ``python -m sharpjax.train --dataset=cifar10 --optimizer=sam ...``.
+"""Command line: ``python -m sharpjax.train --dataset=digits --optimizer=sam ...``.
 
-Every :class:`~sharpjax.train.TrainConfig` field is a ``--key=value`` option; ``--help`` lists
-them with their defaults.
+Every :class:`~sharpjax.train.TrainConfig` field is a ``--key=value`` option
+(:func:`~sharpjax.train.config.build_parser`); ``--help`` lists them with their meaning and
+default. User errors print one message and exit with status 2.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import sys
 
-from sharpjax.train.config import TrainConfig, config_from_args
+from sharpjax.data import DatasetNotPreparedError
+from sharpjax.train.checkpoint import CheckpointError
+from sharpjax.train.config import CLI_PROG, build_parser, config_from_args
 from sharpjax.train.loop import train
+
+# What a person can fix from the message alone: a bad option or value, a dataset that is not
+# prepared, a workdir that is incompatible, finished or not writable, checkpoints that cannot
+# be restored or written. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, DatasetNotPreparedError, OSError, CheckpointError)
+
+
+def _fail(error: BaseException) -> int:
+    if os.environ.get("SHARPJAX_TRACEBACK"):
+        raise error
+    print(f"{CLI_PROG}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str]) -> int:
+    """Runs the command line ``argv`` (without the program name); returns the exit status."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        for field in dataclasses.fields(TrainConfig):
-            default = field.default if field.default is not dataclasses.MISSING else {}
-            print(f"  --{field.name}={json.dumps(default)}")
+        build_parser().print_help()
         return 0
-    result = train(config_from_args(argv))
+    try:
+        config = config_from_args(argv)
+    except (ValueError, TypeError) as e:
+        return _fail(e)
+
+    try:
+        result = train(config)
+    except USER_ERRORS as e:
+        return _fail(e)
     print(json.dumps(result.final, indent=2))
     return 0
 

@@ -14,8 +14,12 @@ it. Overrides from the command line::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import json
+import re
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -104,6 +108,7 @@ class TrainConfig:
       weight_decay: L2 decay, applied by the base optimizer, outside the perturbation.
       lr_schedule: ``"constant"``, ``"cosine"`` (to 0 at the end) or ``"step"`` (x0.1 at 50%
         and 75% of the epochs); all after a linear warm-up of ``warmup_epochs``.
+      warmup_epochs: epochs of linear learning-rate warm-up from 0 (0: none).
       epochs: number of epochs. batch_size: examples per step (the global batch, over every
         device and host).
       num_micro_steps: gradient accumulation: each step's batch is split into this many
@@ -359,6 +364,136 @@ def validate(config: TrainConfig) -> None:
 # Command line.
 # --------------------------------------------------------------------------------------
 
+CLI_PROG = "python -m sharpjax.train"
+CLI_EXAMPLE = f"{CLI_PROG} --dataset=digits --model=mlp --optimizer=sam --epochs=2"
+
+
+def _plain(text: str) -> str:
+    """reStructuredText markup of the docstring as plain text (``x`` → x, :func:`~a.b` → b)."""
+    text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def field_help() -> dict[str, tuple[str, str]]:
+    """``{field: (section, description)}`` read from :class:`TrainConfig`'s docstring.
+
+    The docstring is the one place the fields are described; ``--help`` shows it in plain
+    text. A field described on the line of another (``epochs: ... batch_size: ...``) is found
+    too; a field the docstring does not describe is absent.
+    """
+    names = set(field_names())
+    section, current = "", None
+    entries: dict[str, list[str]] = {}
+    sections: dict[str, str] = {}
+    previous_blank = True
+    for line in inspect.cleandoc(TrainConfig.__doc__ or "").splitlines()[1:]:
+        text = line.strip()
+        indent = len(line) - len(line.lstrip())
+        match = re.match(r"(\w+): (.*)", text)
+        if not text:
+            current, previous_blank = None, True
+            continue
+        if indent == 0 and previous_blank:  # a section heading: "Data:", "Devices (see ...":
+            section, current = re.match(r"[^(:]*", text).group().strip(), None
+        elif match and match.group(1) in names and indent <= 2:
+            current = match.group(1)
+            entries[current], sections[current] = [match.group(2)], section
+        elif current is not None:
+            entries[current].append(text)
+        previous_blank = False
+    result: dict[str, tuple[str, str]] = {}
+    for name, parts in entries.items():
+        # "epochs: number of epochs. batch_size: examples per step." holds two fields.
+        pieces = re.split(r"(?<=\.)\s+(\w+):\s", " ".join(parts))
+        result[name] = (sections[name], _plain(pieces[0]))
+        for other, description in zip(pieces[1::2], pieces[2::2], strict=True):
+            if other in names:
+                result[other] = (sections[name], _plain(description))
+            else:  # "word: " inside a description: put it back
+                result[name] = (sections[name], f"{result[name][1]} {other}: {description}")
+    return result
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    name = {bool: "BOOL", int: "INT", float: "FLOAT", dict: "JSON", str: "STR"}.get(base, "VALUE")
+    return f"{name}|none" if args else name
+
+
+class _ArgumentError(ValueError):
+    """What argparse would print and exit on: raised instead, as config_from_args promises."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise _ArgumentError(message)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The ``argparse`` parser of :func:`config_from_args`: one option per TrainConfig field.
+
+    Each option's help is the field's description in the class docstring and its default;
+    options are grouped as the docstring groups the fields. Values are kept as strings (the
+    parser's result maps field names to the text given); :func:`_convert` types them.
+    """
+    parser = _Parser(
+        prog=CLI_PROG,
+        description=textwrap.fill(
+            "Train a model with a sharpness-aware optimizer. Every TrainConfig field is an "
+            "option; values are --key=value or --key value (ints, floats, true/false, none "
+            "for optional fields, JSON for dicts: --model_kwargs='{\"hidden_sizes\": [64]}'). "
+            "The final epoch's metrics are printed as JSON.",
+            width=80,
+        ),
+        epilog=(
+            f"example (offline, under a minute on a CPU):\n  {CLI_EXAMPLE}\n\n"
+            + textwrap.fill(
+                "A user error (unknown option, bad value, dataset not prepared, incompatible "
+                "workdir) prints one message and exits with status 2; set "
+                "SHARPJAX_TRACEBACK=1 to see the traceback.",
+                width=80,
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
+        allow_abbrev=False,
+    )
+    from sharpjax.data import DATASETS
+    from sharpjax.models import MODELS
+
+    choices = {
+        "dataset": DATASETS,
+        "model": MODELS,
+        "optimizer": OPTIMIZERS,
+        "base_optimizer": BASE_OPTIMIZERS,
+        "lr_schedule": LR_SCHEDULES,
+        "noise": NOISE_KINDS,
+        "perturbation_mode": PERTURBATION_MODES,
+    }
+    docs = field_help()
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        section, description = docs.get(f.name, ("Other", "(not described)"))
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section.lower() or "options")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else json.dumps(default)
+        if f.name in choices:
+            description = f"{description} Choices: {', '.join(choices[f.name])}."
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
+        groups[section].add_argument(
+            *flags,
+            dest=f.name,
+            metavar=_type_name(hints[f.name]),
+            default=argparse.SUPPRESS,  # only the options given change the base config
+            help=f"{description} (default: {shown})".replace("%", "%%"),
+            **extra,
+        )
+    return parser
+
 
 def _convert(name: str, text: str, annotation: Any) -> Any:
     """Parses ``text`` to the type of field ``name`` (``X | None`` accepts ``none``/``null``)."""
@@ -396,6 +531,7 @@ def config_from_args(argv: Sequence[str], base: TrainConfig | None = None) -> Tr
     Values are converted to the field's type: ints, floats, booleans (``true/false/1/0/yes/no``;
     a bare ``--flag`` means true), ``none``/``null`` for optional fields, JSON objects for dict
     fields (``--model_kwargs='{"hidden_sizes": [64]}'``). Dashes in keys may be underscores.
+    The options are those of :func:`build_parser`.
 
     Raises:
       ValueError: an unknown key (the message lists the fields), a value that does not parse,
@@ -403,27 +539,21 @@ def config_from_args(argv: Sequence[str], base: TrainConfig | None = None) -> Tr
     """
     base = TrainConfig() if base is None else base
     hints = typing.get_type_hints(TrainConfig)
-    changes: dict[str, Any] = {}
     argv = list(argv)
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise ValueError(f"Expected --key=value or --key value, got {token!r}.")
-        key, has_value, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        _check_known({key: None})
-        if not has_value:
-            next_is_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if next_is_value:
-                value = argv[i + 1]
-                i += 1
-            elif hints[key] is bool:
-                value = "true"
-            else:
-                raise ValueError(f"--{key} needs a value.")
-        changes[key] = _convert(key, value, hints[key])
-        i += 1
+    for token in argv:
+        if token.startswith("--"):
+            # Our message lists the fields, where argparse would only name the stranger.
+            _check_known({token[2:].partition("=")[0].replace("-", "_"): None})
+    try:
+        parsed = vars(build_parser(add_help=False).parse_args(argv))
+    except _ArgumentError as e:
+        message = str(e)
+        missing = re.match(r"argument (--[\w-]+).*: expected one argument", message)
+        if missing:
+            message = f"{missing.group(1)} needs a value"
+        hint = "Options are --key=value or --key value (see --help)."
+        raise ValueError(f"{message}. {hint}") from None
+    changes = {key: _convert(key, text, hints[key]) for key, text in parsed.items()}
     return dataclasses.replace(base, **changes)
 
 
