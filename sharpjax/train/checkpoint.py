@@ -22,6 +22,18 @@ Rules (:func:`prepare_workdir`):
 * otherwise the run resumes from the latest checkpoint, if any. Everything random in a run is
   a function of ``(seed, step)`` or ``(seed, epoch)``, so a resumed run is bit-identical on
   CPU to one that was never interrupted.
+
+Faults:
+
+* the workdir and ``checkpoints/`` are probed with a real write before training, so an
+  unwritable location fails at once (PermissionError naming the path), not after an epoch;
+* saves are synchronous: a failed save raises :class:`CheckpointError` with the path and the
+  cause, and the process can exit at once (an asynchronous orbax save that fails leaves a
+  thread that holds the process for minutes at exit);
+* a damaged checkpoint (a truncated array file, a missing or malformed meta, ``state/``
+  removed) is skipped on resume with a warning and moved to ``checkpoints_damaged/<epoch>``;
+  the run resumes from the newest intact one, and only when none is intact does it stop with
+  a :class:`CheckpointError` listing each one's cause.
 """
 
 from __future__ import annotations
