@@ -894,12 +894,13 @@ def shard_batch(mesh: Mesh, local_batch: Batch, axis_name: str = "batch") -> Bat
 
 
 def replicate_on(mesh: Mesh, tree: Any) -> Any:
-    """Every leaf replicated on every device of ``mesh`` (each process passes the same value)."""
+    """Every leaf replicated on every device of ``mesh`` (each process passes the same value).
+
+    Leaves must convert to NumPy arrays; pass JAX keys as ``jax.random.key_data(key)``.
+    """
     sharding = NamedSharding(mesh, P())
 
     def put(x):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.device_put(x, sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

@@ -186,7 +186,8 @@ def step_inputs(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """The traced per-run inputs of the step: root key and disturbance scales, replicated."""
     _, step_root = run_keys(config.seed)
     hyper = {
-        "key": step_root,
+        # Raw key data: a typed key array cannot be laid out across hosts by device_put.
+        "key": jax.random.key_data(step_root),
         "disturbances": parallel.Disturbances(
             np.float32(config.grad_noise_std),
             np.float32(config.param_noise_std),
@@ -222,7 +223,7 @@ def make_train_step(
     disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
 
     def step(state, sums, batch, hyper):
-        key = jax.random.fold_in(hyper["key"], state["step"])
+        key = jax.random.fold_in(jax.random.wrap_key_data(hyper["key"]), state["step"])
         train_state = parallel.TrainState(state["params"], state["batch_stats"], state["opt_state"])
         # Runs without disturbances skip them at trace time; a sweep over non-zero scales (or
         # over seeds) still compiles once, since the scales are traced.
