@@ -128,12 +128,14 @@ def evaluate(
     low: float = -float("inf"),
     high: float = float("inf"),
 ) -> jax.Array:
-    """A float, traced scalar or optax schedule of the step count, as a float32 scalar.
+    """A float, traced scalar or optax schedule of the step count, as a float scalar.
 
     The value is clamped into ``[low, high]``: a schedule or an injected hyperparameter that
     leaves its range at run time is used at the nearest valid value (NaN stays NaN).
     """
-    value = jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+    value = jnp.asarray(value(count) if callable(value) else value)
+    # The default float (float64 under jax_enable_x64), so float64 params keep their precision.
+    value = value.astype(jnp.promote_types(value.dtype, jnp.result_type(float)))
     return jnp.clip(value, low, high)
 
 

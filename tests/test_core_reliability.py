@@ -1,0 +1,399 @@
+"""The core under misuse and faults: non-finite steps, injected and out-of-range
+hyperparameters, float64 and integer params, the perturbed loss, and rules on micro-batches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import sharpjax
+from tests.helpers import cross_entropy, flat_loss_grad, tiny_mlp_params, toy_batches
+
+LR, RHO = 0.1, 0.1
+
+# Every transformation whose state could be poisoned, built with default hyperparameters.
+VARIANTS = {
+    "sam": lambda: sharpjax.sam(RHO),
+    "asam": lambda: sharpjax.asam(0.5),
+    "vasso": lambda: sharpjax.vasso(RHO, theta=0.4),
+    "saner": lambda: sharpjax.saner(RHO, alpha=0.5),
+    "gsam": lambda: sharpjax.gsam(RHO, alpha=0.2),
+    "noise_resistant_sam": lambda: sharpjax.noise_resistant_sam(RHO, mu=0.01),
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_mlp_params(jax.random.key(0)), toy_batches(jax.random.key(1), 6)
+
+
+def grads_at(params, batch):
+    return jax.grad(cross_entropy)(params, *batch)
+
+
+def poison(tree, where="first"):
+    """The tree with one NaN (or an Inf) in its first leaf."""
+    leaves, treedef = jax.tree.flatten(tree)
+    bad = jnp.inf if where == "inf" else jnp.nan
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(bad)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ---------------------------------------------------------------------------------------
+# A non-finite step changes no state.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("which", ["clean", "second", "inf"])
+def test_non_finite_step_leaves_the_state_as_it_was(setup, name, which):
+    params, batches = setup
+    tx = optax.chain(VARIANTS[name](), optax.sgd(LR, momentum=0.9))
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, grad_fn=lambda q: grads_at(q, b)))
+    for batch in batches[:2]:  # some history in VaSSO's d and the integral
+        updates, state = update(grads_at(params, batch), state, params, batch)
+        params = optax.apply_updates(params, updates)
+
+    batch = batches[2]
+    g = grads_at(params, batch)
+    if which == "second":
+        bad_update = jax.jit(
+            lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q: poison(grads_at(q, batch)))
+        )
+        updates, new_state = bad_update(g, state, params)
+    else:
+        updates, new_state = update(poison(g, which), state, params, batch)
+
+    # The non-finite output is passed on (apply_if_finite must see it) ...
+    assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+    # ... and no sharpjax state moved (diagnostics aside: they show the step as it was).
+    def rule_states(s):
+        found = []
+
+        def visit(node):
+            if isinstance(node, sharpjax.SharpnessAwareState):
+                found.append(node._replace(diagnostics={}))
+            elif isinstance(node, sharpjax.NoiseResistantState):
+                found.append(node.integral)
+            elif isinstance(node, tuple | list):
+                for child in node:
+                    visit(child)
+
+        visit(s)
+        return found
+
+    before, after = rule_states(state), rule_states(new_state)
+    assert before
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+
+
+@pytest.mark.parametrize("name", ["vasso", "noise_resistant_sam"])
+def test_a_run_recovers_from_a_skipped_bad_step(setup, name):
+    """The user's own check drops the update; VaSSO and the integral stay finite afterwards."""
+    params, batches = setup
+    tx = optax.chain(VARIANTS[name](), optax.sgd(LR, momentum=0.9))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, batch, bad):
+        g = grads_at(params, batch)
+        g = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), g)
+        updates, new_state = tx.update(g, state, params, grad_fn=lambda q: grads_at(q, batch))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+        # the user's check throws the update away but keeps the new optimizer state
+        params = jax.tree.map(lambda p, u: jnp.where(finite, p + u, p), params, updates)
+        return params, new_state
+
+    for i in range(30):
+        params, state = step(params, state, batches[i % len(batches)], i == 3)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_apply_if_finite_skips_the_bad_step(setup, name):
+    """optax.apply_if_finite around a sharpjax chain: the bad step is a no-op, as if skipped."""
+    params, batches = setup
+    sequence = [batches[0], batches[1], None, batches[2], batches[3]]  # None: a NaN step
+
+    def run(tx, steps):
+        state, p = tx.init(params), params
+        for batch in steps:
+            b = batches[0] if batch is None else batch
+            g = grads_at(p, b)
+            if batch is None:
+                g = poison(g)
+            updates, state = tx.update(g, state, p, grad_fn=lambda q, b=b: grads_at(q, b))
+            p = optax.apply_updates(p, updates)
+        return ravel_pytree(p)[0]
+
+    make = lambda: optax.chain(VARIANTS[name](), optax.sgd(LR, momentum=0.9))
+    guarded = optax.apply_if_finite(make(), max_consecutive_errors=3)
+    got = run(guarded, sequence)
+    want = run(make(), [b for b in sequence if b is not None])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# Hyperparameters: inject_hyperparams, schedules out of range, non-finite constants.
+# ---------------------------------------------------------------------------------------
+
+INJECTABLE = [
+    (sharpjax.sam, {"rho": 0.05}),
+    (sharpjax.asam, {"rho": 0.5, "eta": 0.01}),
+    (sharpjax.vasso, {"rho": 0.1, "theta": 0.9}),
+    (sharpjax.saner, {"rho": 0.1, "alpha": 0.5}),
+    (sharpjax.gsam, {"rho": 0.05, "alpha": 0.1}),
+    (sharpjax.noise_resistant_sam, {"rho": 0.05, "mu": 0.01}),
+    (sharpjax.msam, {"rho": 0.05}),
+]
+
+
+@pytest.mark.parametrize("make, hyperparams", INJECTABLE, ids=lambda x: getattr(x, "__name__", ""))
+def test_every_constructor_works_under_inject_hyperparams(setup, make, hyperparams):
+    params, batches = setup
+    tx = optax.chain(optax.inject_hyperparams(make)(**hyperparams), optax.sgd(LR))
+    state = tx.init(params)
+    micro = make is sharpjax.msam
+
+    @jax.jit
+    def step(params, state, batch):
+        if micro:
+            _, g, grad_fn = sharpjax.microbatch_value_and_grad(
+                lambda p, b: cross_entropy(p, *b), params, batch, 1
+            )
+        else:
+            g, grad_fn = grads_at(params, batch), lambda q: grads_at(q, batch)
+        updates, state = tx.update(g, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    exact_norm = make is not sharpjax.asam  # ASAM's ε has norm ρ only in the rescaled space
+    params, state = step(params, state, batches[0])
+    diag = sharpjax.diagnostics(state)
+    np.testing.assert_allclose(diag["rho"], hyperparams["rho"], rtol=1e-6)
+    if exact_norm:
+        np.testing.assert_allclose(diag["perturbation_norm"], hyperparams["rho"], rtol=1e-5)
+    # Change ρ during training: the next step perturbs at the new radius, no recompilation.
+    state[0].hyperparams["rho"] = jnp.full_like(state[0].hyperparams["rho"], 0.2)
+    params, state = step(params, state, batches[1])
+    compiled = step._cache_size()
+    diag = sharpjax.diagnostics(state)
+    np.testing.assert_allclose(diag["rho"], 0.2, rtol=1e-6)
+    if exact_norm:
+        np.testing.assert_allclose(diag["perturbation_norm"], 0.2, rtol=1e-5)
+    state[0].hyperparams["rho"] = jnp.full_like(state[0].hyperparams["rho"], 0.3)
+    params, state = step(params, state, batches[2])
+    np.testing.assert_allclose(sharpjax.diagnostics(state)["rho"], 0.3, rtol=1e-6)
+    assert step._cache_size() == compiled  # a new ρ is a new value, not a new program
+
+
+def test_injected_saner_alpha_takes_effect(setup):
+    params, batches = setup
+    tx = optax.inject_hyperparams(sharpjax.saner)(rho=RHO, alpha=0.5)
+    state = tx.init(params)
+    state.hyperparams["alpha"] = jnp.asarray(0.25)
+    g, grad_fn = grads_at(params, batches[0]), lambda q: grads_at(q, batches[0])
+    out, state = tx.update(g, state, params, grad_fn=grad_fn)
+    w, _, grad = flat_loss_grad(params)
+    gf = grad(w, batches[0])
+    g2 = grad(w + RHO * gf / jnp.linalg.norm(gf), batches[0])
+    ratio = g2 / (gf + 1e-8)
+    want = g2 * jnp.where((ratio > 0) & (ratio < 1), 0.25, 1.0)
+    np.testing.assert_allclose(ravel_pytree(out)[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_schedules_out_of_range_are_clamped_and_reported(setup):
+    params, batches = setup
+    rho = lambda count: jnp.where(count < 1, 0.05, -0.3)  # goes negative after step 0
+    alpha = lambda count: jnp.where(count < 1, 0.5, 5.0)  # SANER's α must be ≤ 1
+    tx = sharpjax.saner(rho, alpha)
+    state = tx.init(params)
+    g, grad_fn = grads_at(params, batches[0]), lambda q: grads_at(q, batches[0])
+    for _ in range(2):
+        out, state = tx.update(g, state, params, grad_fn=grad_fn)
+    diag = sharpjax.diagnostics(state)
+    assert float(diag["rho"]) == 0.0 and float(diag["perturbation_norm"]) == 0.0
+    assert float(diag["alpha"]) == 1.0
+    # ρ = 0 and α = 1: the output is the clean gradient itself, not a step downhill.
+    np.testing.assert_allclose(ravel_pytree(out)[0], ravel_pytree(g)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: sharpjax.sam(rho=float("inf")), "rho must be finite"),
+        (lambda: sharpjax.sam(rho=float("nan")), "rho must be finite"),
+        (lambda: sharpjax.gsam(alpha=float("inf")), "alpha must be finite"),
+        (lambda: sharpjax.vasso(theta=float("inf")), "theta must be finite"),
+        (lambda: sharpjax.noise_resistant(mu=float("inf")), "mu must be finite"),
+        (lambda: sharpjax.sam(rho=lambda t: -0.1 + 0 * t), "value at step 0"),
+        (lambda: sharpjax.saner(alpha=lambda t: 2.0 + 0 * t), "value at step 0"),
+        (lambda: sharpjax.sam(rho="0.05"), "rho must be a float"),
+        (lambda: sharpjax.sam(rho=lambda: 0.1), "schedule must be a function"),
+        (lambda: sharpjax.vasso(theta=lambda t: 0.5), "theta must be a number"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_at_construction(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+# ---------------------------------------------------------------------------------------
+# Precision and dtypes.
+# ---------------------------------------------------------------------------------------
+
+
+def test_float64_params_are_computed_in_float64():
+    with jax.enable_x64(True):
+        key = jax.random.key(0)
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), tiny_mlp_params(key))
+        x = jax.random.normal(jax.random.key(1), (16, 5), jnp.float64)
+        y = jax.random.randint(jax.random.key(2), (16,), 0, 3)
+        g = jax.grad(cross_entropy)(params, x, y)
+        alpha = 0.3
+        tx = sharpjax.gsam(RHO, alpha)
+        out, _ = tx.update(
+            g, tx.init(params), params, grad_fn=lambda q: jax.grad(cross_entropy)(q, x, y)
+        )
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(out))
+        # the same equations in numpy float64
+        flat, unravel = ravel_pytree(params)
+        gf = np.asarray(ravel_pytree(g)[0])
+        eps = RHO * gf / np.linalg.norm(gf)
+        g2 = np.asarray(ravel_pytree(jax.grad(cross_entropy)(unravel(flat + eps), x, y))[0])
+        orth = gf - (gf @ g2) / (g2 @ g2) * g2
+        want = g2 - alpha * orth
+        # float32 arithmetic anywhere would show as ~1e-7; float64 rounding is ~1e-13 per op
+        np.testing.assert_allclose(np.asarray(ravel_pytree(out)[0]), want, rtol=1e-9, atol=0)
+
+
+def test_integer_params_are_rejected():
+    params = {"w": jnp.ones(3), "step": jnp.zeros([], jnp.int32)}
+    with pytest.raises(TypeError, match=r"floating-point params.*'step'"):
+        sharpjax.sam().init(params)
+
+
+# ---------------------------------------------------------------------------------------
+# The perturbed loss in the diagnostics.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [sharpjax.sam, sharpjax.gsam])
+def test_perturbed_loss_and_sharpness(setup, make):
+    params, batches = setup
+    batch = batches[0]
+    loss, g = jax.value_and_grad(cross_entropy)(params, *batch)
+    tx = make(RHO)
+    vg = lambda q: jax.value_and_grad(cross_entropy)(q, *batch)
+    _, state = tx.update(g, tx.init(params), params, value_and_grad_fn=vg, loss=loss)
+    diag = sharpjax.diagnostics(state)
+    w, unravel, grad = flat_loss_grad(params)
+    gf = grad(w, batch)
+    perturbed = cross_entropy(unravel(w + RHO * gf / jnp.linalg.norm(gf)), *batch)
+    np.testing.assert_allclose(diag["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(diag["perturbed_loss"], perturbed, rtol=1e-5)
+    np.testing.assert_allclose(diag["sharpness"], perturbed - loss, rtol=1e-3, atol=1e-6)
+    assert float(diag["sharpness"]) > 0  # a step of ρ along the gradient goes uphill
+    if make is sharpjax.gsam:
+        np.testing.assert_allclose(diag["surrogate_gap"], diag["sharpness"], rtol=1e-6)
+
+
+def test_grad_fn_and_value_and_grad_fn_are_exclusive(setup):
+    params, batches = setup
+    g = grads_at(params, batches[0])
+    tx = sharpjax.sam()
+    with pytest.raises(TypeError, match="not both"):
+        tx.update(g, tx.init(params), params, grad_fn=lambda q: g, value_and_grad_fn=lambda q: g)
+    with pytest.raises(ValueError, match=r"must return \(loss, grads\)"):
+        tx.update(g, tx.init(params), params, value_and_grad_fn=lambda q: g)
+
+
+# ---------------------------------------------------------------------------------------
+# Every rule on micro-batches (m-sharpness), against its equation.
+# ---------------------------------------------------------------------------------------
+
+
+def micro_parts(batch, m):
+    x, y = batch
+    size = x.shape[0] // m
+    return [(x[j * size : (j + 1) * size], y[j * size : (j + 1) * size]) for j in range(m)]
+
+
+def run_micro(tx, params, batches, m):
+    state, trajectory = tx.init(params), []
+
+    @jax.jit
+    def step(params, state, batch):
+        _, g, grad_fn = sharpjax.microbatch_value_and_grad(
+            lambda p, b: cross_entropy(p, *b), params, batch, m
+        )
+        updates, state = tx.update(g, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    for batch in batches:
+        params, state = step(params, state, batch)
+        trajectory.append(ravel_pytree(params)[0])
+    return np.stack(trajectory), state
+
+
+def test_saner_on_msam_equals_its_equation(setup):
+    params, batches = setup
+    m, alpha = 4, 0.5
+    got, state = run_micro(
+        optax.chain(sharpjax.saner(RHO, alpha, num_microbatches=m), optax.sgd(LR)),
+        params,
+        batches[:3],
+        m,
+    )
+    w, _, grad = flat_loss_grad(params)
+    want, fractions = [], []
+    for batch in batches[:3]:
+        outs, masked = [], []
+        for part in micro_parts(batch, m):
+            g = grad(w, part)
+            g2 = grad(w + RHO * g / jnp.linalg.norm(g), part)
+            ratio = g2 / (g + 1e-8)
+            mask = (ratio > 0) & (ratio < 1)
+            outs.append(g2 * jnp.where(mask, alpha, 1.0))
+            masked.append(jnp.mean(mask))
+        w = w - LR * sum(outs) / m
+        want.append(w)
+        fractions.append(np.mean(masked))
+    np.testing.assert_allclose(got, np.stack(want), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        sharpjax.diagnostics(state)["masked_fraction"], fractions[-1], atol=0.02
+    )
+
+
+def test_vasso_on_msam_keeps_one_d_per_microbatch(setup):
+    params, batches = setup
+    m, theta = 2, 0.4
+    got, _ = run_micro(
+        optax.chain(sharpjax.vasso(RHO, theta, num_microbatches=m), optax.sgd(LR)),
+        params,
+        batches[:3],
+        m,
+    )
+    w, _, grad = flat_loss_grad(params)
+    d = [None] * m
+    want = []
+    for batch in batches[:3]:
+        outs = []
+        for j, part in enumerate(micro_parts(batch, m)):
+            g = grad(w, part)
+            d[j] = g if d[j] is None else (1 - theta) * d[j] + theta * g
+            outs.append(grad(w + RHO * d[j] / jnp.linalg.norm(d[j]), part))
+        w = w - LR * sum(outs) / m
+        want.append(w)
+    np.testing.assert_allclose(got, np.stack(want), rtol=2e-5, atol=2e-6)
+
+
+def test_microbatches_need_per_device_mode():
+    with pytest.raises(ValueError, match="per_device"):
+        sharpjax.sam(num_microbatches=2, axis_name="batch", perturbation_mode="synced")
