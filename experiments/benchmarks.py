@@ -8,7 +8,8 @@ cannot leak into the next), with ``--out <out>/<name>.json`` appended to its arg
 benchmark script that is missing is reported and skipped. Then writes ``table.md`` (the
 commands, exit codes, wall times and the key numbers of each JSON) and ``step_time.png``.
 
-    python experiments/benchmarks.py                      # all three, their default sizes
+    python experiments/benchmarks.py                      # all three, into runs/benchmarks/
+    python experiments/benchmarks.py --out results/benchmarks   # the README's stored numbers
     python experiments/benchmarks.py --benchmarks steps --steps_args="--repeats 50"
     python experiments/benchmarks.py --preset tiny --out /tmp/bench
 
@@ -42,8 +43,19 @@ DEFAULT: dict[str, Any] = {
     "parallel_args": "",
     "timeout_s": 3600,
     "dry_run": False,
-    "out": "results/benchmarks",
+    "out": None,
 }
+# What each config key means, for --help (the default of the chosen preset is added).
+HELP = {
+    "benchmarks": "which benchmarks to run: steps, measures, parallel",
+    "steps_args": "arguments of bench_steps.py, one string (--steps_args='--repeats 50')",
+    "measures_args": "arguments of bench_measures.py, one string",
+    "parallel_args": "arguments of bench_parallel.py, one string",
+    "timeout_s": "seconds after which a benchmark process is stopped",
+    "dry_run": "print the commands and write the table without running anything",
+    "out": "output folder; the README's numbers are the stored --out results/benchmarks",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
     # A smoke run: a few steps of SGD and SAM on a narrow CNN; the other two are skipped.
@@ -53,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps_args": "--repeats 3 --warmup 1 --batch-size 16 --width 4 --only sgd sam",
         "parallel_args": "--model mlp --batch-size 8 --rounds 2 --inner 1 --warmup 1",
         "timeout_s": 300,
-        "out": "results/benchmarks/tiny",
+        "out": None,
     },
 }
 
@@ -150,7 +162,14 @@ def plot_steps(records: list[dict[str, Any]], out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the selected benchmarks; returns ``{"config", "records", "table", "plots"}``."""
-    config = common.parse_config(argv, PRESETS, __doc__.splitlines()[0])
+    config = common.parse_config(
+        argv,
+        PRESETS,
+        common.plain_text(__doc__),
+        help=HELP,
+        experiment=EXPERIMENT,
+        report=False,
+    )
     unknown = [b for b in config["benchmarks"] if b not in SCRIPTS]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {sorted(SCRIPTS)}")

@@ -98,7 +98,7 @@ def _describe(value: Any) -> str:
         return " ".join(map(str, value)) if value else "(none)"
     if isinstance(value, dict):
         return json.dumps(value)
-    return str(value)
+    return str(value) if value != "" else "(empty)"
 
 
 def parse_config(
@@ -108,13 +108,15 @@ def parse_config(
     default_preset: str = "default",
     help: dict[str, str] | None = None,
     experiment: str | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
     """The config of ``--preset NAME`` (default ``default_preset``) with overrides applied.
 
     Every key of the preset is an option ``--key`` (dashes or underscores); ``help[key]``
     says what it means in ``--help``, next to its default in the chosen preset. Unknown keys
     are an error that lists the known ones. The returned dict also holds ``preset`` and
-    ``report`` (``--report``: rebuild table and plots from the stored ``summary.json``). With
+    ``report`` (``--report``: rebuild table and plots from the stored ``summary.json``; only
+    offered when ``report`` is true). With
     ``experiment`` given, an ``out`` of None becomes :func:`default_out`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -142,11 +144,12 @@ def parse_config(
         choices=sorted(presets),
         help=f"named set of defaults (default: {default_preset})",
     )
-    parser.add_argument(
-        "--report",
-        action="store_true",
-        help="do not train: rewrite table.md and the plots of --out from its summary.json",
-    )
+    if report:
+        parser.add_argument(
+            "--report",
+            action="store_true",
+            help="do not train: rewrite table.md and the plots of --out from its summary.json",
+        )
     for key, value in base.items():
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
         text = help.get(key, "")
@@ -166,7 +169,8 @@ def parse_config(
     args = vars(parser.parse_args(argv))
     config = {key: args[key] for key in base}
     config["preset"] = args["preset"]
-    config["report"] = args["report"]
+    if report:
+        config["report"] = args["report"]
     if experiment and "out" in config and config["out"] is None:
         config["out"] = default_out(experiment, config["preset"])
     return config

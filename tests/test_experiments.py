@@ -113,7 +113,9 @@ def test_runs_directory_is_ignored_by_git():
     assert ignored == 0, f"{probe} is not ignored by git"
 
 
-@pytest.mark.parametrize("module", ["label_noise", "noisy_training", "sharpness_generalization"])
+@pytest.mark.parametrize(
+    "module", ["label_noise", "noisy_training", "sharpness_generalization", "benchmarks"]
+)
 def test_every_config_key_has_help(module, capsys):
     script = sys.modules[module]
     for name, preset in script.PRESETS.items():
