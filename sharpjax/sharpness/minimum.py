@@ -1,5 +1,7 @@
 """Minimum Sharpness (Ibayashi, Hamaguchi & Imaizumi, arXiv 2106.12612)."""
 
+import itertools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -8,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharpjax.sharpness._batches import check_labelled_batch, hashable, labelled_batches
 from sharpjax.sharpness._validate import choice, positive_int
 from sharpjax.sharpness.diagonal import hessian_diagonal
 
@@ -26,12 +29,17 @@ class MinimumSharpnessResult(NamedTuple):
         per-unit log-scales ``log a_lj`` (incoming weights and bias times ``a_lj``, outgoing
         weights divided by it).
       num_steps: Newton steps the solver took.
+      output_change: ``max |f(w') − f(w)| / max |f(w)|`` over the checked examples, ``w'`` the
+        rescaled parameters (:func:`apply_scales`): rounding-small when the rescaling preserves
+        the function, as Minimum Sharpness assumes (see ``check`` in
+        :func:`minimum_sharpness`).
     """
 
     value: jax.Array
     trace: jax.Array
     log_scales: jax.Array | tuple[jax.Array, ...]
     num_steps: jax.Array
+    output_change: jax.Array | None = None
 
     @property
     def scales(self) -> jax.Array | tuple[jax.Array, ...]:
@@ -46,15 +54,21 @@ class _Layer(NamedTuple):
     num_in: int  # units of the previous layer (input features for the first layer)
     num_out: int
     num_rows: int  # kernel input rows: num_in, or positions × num_in after a flatten
+    channel_first: bool = False  # how a flattened feature map is laid out in the rows
 
     @property
     def in_units(self) -> np.ndarray:
         """The previous-layer unit of each kernel input row.
 
         A Dense after a flatten of an NHWC feature map (``x.reshape(n, -1)``) reads channel
-        ``r mod C`` at row ``r``; max-pooling commutes with positive per-channel scaling.
+        ``r mod C`` at row ``r``; after a channel-first flatten (NCHW, or
+        ``x.transpose(0, 3, 1, 2).reshape(n, -1)``) channel ``r // positions``. Max-pooling
+        commutes with positive per-channel scaling.
         """
-        return np.arange(self.num_rows) % self.num_in
+        rows = np.arange(self.num_rows)
+        if self.channel_first:
+            return rows // (self.num_rows // self.num_in)
+        return rows % self.num_in
 
 
 _LAYOUT = (
@@ -63,8 +77,37 @@ _LAYOUT = (
 )
 
 
-def _layers(params: PyTree, layers: Sequence[str] | None) -> tuple[_Layer, ...]:
+def _natural_key(name: str) -> tuple[str, int]:
+    """``"Dense_10" -> ("Dense_", 10)``: numbered names in numeric, not string, order."""
+    match = re.fullmatch(r"(.*?)(\d+)", name)
+    return (match[1], int(match[2])) if match else (name, -1)
+
+
+def _default_order(params: Mapping) -> list[str]:
+    """The params' order when it numbers each family increasingly, else the natural order.
+
+    flax creates its params in definition order (``Conv_0, Conv_1, Dense_0``), but
+    ``jax.tree.map``, optax updates and checkpoints return dicts with string-sorted keys, which
+    put ``Dense_10`` before ``Dense_2``. Such an order is restored by numeric suffix; families
+    keep their order (alphabetical, after a sort), which the shape checks and the output check
+    of :func:`minimum_sharpness` catch when it is not the forward order.
+    """
+    names = list(params)
+    keys = [_natural_key(n) for n in names]
+    consistent = all(
+        a[1] < b[1] for a, b in itertools.combinations(keys, 2) if a[0] == b[0] and a[1] >= 0
+    )
+    return names if consistent else sorted(names, key=_natural_key)
+
+
+_FLATTEN = ("channel_last", "channel_first")
+
+
+def _layers(
+    params: PyTree, layers: Sequence[str] | None, flatten: str = "channel_last"
+) -> tuple[_Layer, ...]:
     """Validate the kernel/bias layout and map each kernel input row to a previous unit."""
+    choice("flatten", flatten, _FLATTEN)
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of layer collections; {_LAYOUT}.")
     if set(params) == {"params"}:
@@ -76,7 +119,7 @@ def _layers(params: PyTree, layers: Sequence[str] | None) -> tuple[_Layer, ...]:
         raise TypeError(
             f"layers must be a sequence of collection names, got the string {layers!r}."
         )
-    names = list(params) if layers is None else list(layers)
+    names = _default_order(params) if layers is None else list(layers)
     if not names:
         raise ValueError("layers is empty; name at least one layer collection.")
     if len(set(names)) != len(names):
@@ -120,10 +163,12 @@ def _layers(params: PyTree, layers: Sequence[str] | None) -> tuple[_Layer, ...]:
             if num_rows != num_in and not flattened:
                 raise ValueError(
                     f"params[{name!r}]['kernel'] has {num_rows} input rows, which do not match the "
-                    f"{num_in} outputs of {prev.name!r} (nor a channel-last flatten of them); "
-                    f"{_LAYOUT}. Check that layers lists the collections in forward order."
+                    f"{num_in} outputs of {prev.name!r} (nor a flatten of them); "
+                    f"{_LAYOUT}. Check that layers lists the collections in forward order "
+                    f"(in use: {names})."
                 )
-        out.append(_Layer(name, "bias" in coll, num_in, num_out, num_rows))
+        channel_first = flatten == "channel_first"
+        out.append(_Layer(name, "bias" in coll, num_in, num_out, num_rows, channel_first))
         prev_ndim = len(shape)
     return tuple(out)
 
@@ -261,6 +306,10 @@ def minimum_sharpness(
     key: jax.Array | None = None,
     num_samples: int = 100,
     max_iterations: int = 100,
+    *,
+    flatten: str = "channel_last",
+    diagonal: PyTree | None = None,
+    check: bool = True,
 ) -> MinimumSharpnessResult:
     """Minimum Sharpness: the Hessian trace minimised over function-preserving rescalings.
 
@@ -286,8 +335,20 @@ def minimum_sharpness(
 
     Assumptions: ``layers`` form a feed-forward chain (no skip connections, no normalisation
     layers) with positively homogeneous activations (ReLU, leaky ReLU, max-pool); a Dense
-    after a conv reads the feature map flattened channel-last (NHWC, ``x.reshape(n, -1)``), so
-    its input row ``r`` belongs to channel ``r mod C``. Output units are not rescaled.
+    after a conv reads the feature map flattened as ``flatten`` says. Output units are not
+    rescaled.
+
+    The assumptions are checked, not trusted: after solving, the optimal rescaling is applied
+    and the logits compared on the first batch's first 256 examples. A relative change
+    (``output_change``, over the largest logit) above ``√ε`` of the least precise of the
+    layers' parameters and the logits (3.5e-4 in float32, 1.5e-8 in float64) raises a
+    ``ValueError`` naming the likely cause. A valid rescaling changes the logits only by
+    rounding, ≲ (operations per logit) · ε relative to the terms summed, far below ``√ε`` for
+    practical depths and widths; a broken assumption changes them by O(1) (a wrong layer
+    order, a residual or tanh network, a channel-first flatten read channel-last). For a
+    network that is not rescaling-invariant Minimum Sharpness is undefined: report the plain
+    trace (``result.trace`` with ``check=False``, or :func:`hessian_trace`). Inside
+    ``jax.jit`` nothing can be raised: read ``result.output_change`` instead.
 
     Args:
       logits_fn: ``logits_fn(params, x) -> logits`` ``(n, K)``; the loss is mean softmax
@@ -295,16 +356,27 @@ def minimum_sharpness(
       params: dict of layer collections, each ``{'kernel': (..., in, out), 'bias': (out,)}``
         (flax ``variables['params']``).
       batch: ``(x, y)`` with integer labels, or an iterable of such tuples (accumulated).
-      layers: collection names in forward order; default: all of ``params`` in its order
-        (flax keeps definition order: ``Conv_0, Dense_0, ...``).
+      layers: collection names in forward order; default: all of ``params``, in their order
+        when each family is numbered increasingly (flax's definition order ``Conv_0, Dense_0,
+        Dense_1``), else by numeric suffix (a ``jax.tree.map`` or optax update sorts keys as
+        strings, ``Dense_10`` before ``Dense_2``). Pass it whenever the names do not tell
+        the order.
       granularity: ``"layer"`` (default, the paper's) or ``"node"``.
       method: block traces from the ``"exact"`` Hessian diagonal (default; exact for
-        piecewise-linear nets) or its ``"hvp"`` (Hutchinson) estimate, for any architecture.
+        piecewise-linear nets) or its ``"hvp"`` (Hutchinson) estimate.
       tol: Newton decrement tolerance, ≈ the relative error of ``value`` (default 1e-10; in
         float32 the solver stops at the rounding floor).
       key: PRNG key, required for ``method="hvp"``.
       num_samples: Hutchinson probes for ``method="hvp"`` (default 100).
       max_iterations: cap on Newton steps (default 100).
+      flatten: how a Dense after a conv reads the flattened feature map: ``"channel_last"``
+        (default; NHWC, ``x.reshape(n, -1)``: row ``r`` is channel ``r mod C``) or
+        ``"channel_first"`` (NCHW: row ``r`` is channel ``r // (H·W)``). Matters only for
+        ``granularity="node"``.
+      diagonal: a Hessian diagonal of ``params`` already computed by :func:`hessian_diagonal`
+        on ``batch`` (e.g. to get both granularities from one diagonal, which dominates the
+        cost); default: computed here with ``method``, ``key`` and ``num_samples``.
+      check: raise when the rescaling does not preserve the logits (default ``True``).
 
     Returns:
       A :class:`MinimumSharpnessResult`; :func:`apply_scales` turns it into parameters.
@@ -312,9 +384,88 @@ def minimum_sharpness(
     choice("granularity", granularity, ("layer", "node"))
     choice("method", method, ("exact", "hvp"))
     positive_int("max_iterations", max_iterations)
-    specs = _layers(params, layers)
-    diag = hessian_diagonal(logits_fn, params, batch, method, key, num_samples)
-    return _minimise(diag, tol, max_iterations, specs=specs, node=granularity == "node")
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
+    specs = _layers(params, layers, flatten)
+    x_check, batch = _first_inputs(batch)
+    if diagonal is None:
+        diagonal = hessian_diagonal(logits_fn, params, batch, method, key, num_samples)
+    elif jax.tree.structure(diagonal) != jax.tree.structure(params) or any(
+        jnp.shape(d) != jnp.shape(p)
+        for d, p in zip(jax.tree.leaves(diagonal), jax.tree.leaves(params), strict=True)
+    ):
+        raise ValueError(
+            "diagonal must have the structure and shapes of params; pass "
+            "sharpness.hessian_diagonal(logits_fn, params, batch)."
+        )
+    result = _minimise(diagonal, tol, max_iterations, specs=specs, node=granularity == "node")
+    # logits_fn keys the jit cache; an unhashable one runs op by op.
+    change_fn = _output_change_jit if hashable(logits_fn) else _output_change
+    change = change_fn(logits_fn, params, result.log_scales, x_check, specs=specs)
+    result = result._replace(output_change=change)
+    if check and not isinstance(change, jax.core.Tracer):
+        # Rounding comes from the least precise of the rescaled weights and the logits.
+        leaves = [change, *jax.tree.leaves([params[layer.name] for layer in specs])]
+        eps = max(float(jnp.finfo(jnp.result_type(leaf)).eps) for leaf in leaves)
+        _check_invariance(float(change), eps, specs, flatten, granularity, layers)
+    return result
+
+
+# Examples on which the rescaled network's logits are compared: two forward passes, small
+# beside the diagonal (K backward passes per example of the whole batch).
+CHECK_EXAMPLES = 256
+
+
+def _first_inputs(batch: Any) -> tuple[jax.Array, Any]:
+    """The first batch's first inputs, and the batches (re-chained if an iterator)."""
+    batches = labelled_batches(batch)
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("batch is an empty iterable; pass at least one (x, y) batch.")
+    if iterator is batches:  # a one-shot iterator: put the first batch back
+        batches = itertools.chain([first], iterator)
+    x, _ = check_labelled_batch(first)
+    return x[:CHECK_EXAMPLES], batches
+
+
+def _output_change(logits_fn: Callable, params: PyTree, log_scales, x: jax.Array, *, specs):
+    before = logits_fn(params, x)
+    after = logits_fn(_rescale(params, log_scales, specs=specs), x)
+    scale = jnp.max(jnp.abs(before))
+    return jnp.max(jnp.abs(after - before)) / jnp.where(scale > 0, scale, 1)
+
+
+_output_change_jit = jax.jit(_output_change, static_argnums=(0,), static_argnames="specs")
+
+
+def _check_invariance(change: float, eps: float, specs, flatten, granularity, layers) -> None:
+    limit = float(np.sqrt(eps))
+    if change <= limit:  # NaN (a non-finite network) fails too
+        return
+    causes = [
+        f"the layers are not in forward order (in use: {[s.name for s in specs]}); pass "
+        "layers=[...] in forward order"
+        + (" (the default orders them by numeric suffix)" if layers is None else ""),
+        "the network is not invariant under rescaling (residual connections, normalisation, "
+        "tanh/sigmoid/GELU activations): Minimum Sharpness is undefined for it; report the "
+        "plain trace instead (result.trace with check=False, or sharpness.hessian_trace)",
+    ]
+    flattened = any(s.num_rows != s.num_in for s in specs)
+    if granularity == "node" and flattened:
+        other = _FLATTEN[1 - _FLATTEN.index(flatten)]
+        causes.insert(
+            0,
+            f"a Dense reads the conv features flattened {other.replace('_', '-')}; "
+            f"pass flatten={other!r}",
+        )
+    raise ValueError(
+        f"minimum_sharpness: the optimal rescaling changes the logits by {change:.3g} of their "
+        f"largest value (rounding allows {limit:.2g}), so the network is not the feed-forward, "
+        "positively homogeneous chain this measure assumes and the value would be wrong. "
+        "Likely causes: " + "; or ".join(causes) + ". Pass check=False to get the result "
+        "anyway (result.output_change holds the change)."
+    )
 
 
 @partial(jax.jit, static_argnames=("specs", "node"))
@@ -334,15 +485,17 @@ def apply_scales(
     params: PyTree,
     result: MinimumSharpnessResult,
     layers: Sequence[str] | None = None,
+    *,
+    flatten: str = "channel_last",
 ) -> PyTree:
     """The function-equivalent parameters at which the trace equals ``result.value``.
 
     Kernel entry ``(i, j)`` of layer ``l`` is multiplied by ``a_lj / a_{l-1,i}`` and bias
     ``j`` by ``a_lj``, where the node scales are ``a_lj = Π_{m≤l} α_m`` for a layer-wise result.
-    ``layers`` must be the value passed to :func:`minimum_sharpness`. Other collections are
-    left unchanged.
+    ``layers`` and ``flatten`` must be the values passed to :func:`minimum_sharpness`. Other
+    collections are left unchanged.
     """
-    specs = _layers(params, layers)
+    specs = _layers(params, layers, flatten)
     log_scales = result.log_scales
     if isinstance(log_scales, tuple):
         expected = [layer.num_out for layer in specs[:-1]]
