@@ -260,3 +260,29 @@ def test_gradient_accumulation_in_the_trainer_equals_the_whole_batch(digits):
     pairs = zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True)
     for a, b in pairs:
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_each_process_gathers_only_its_rows_and_prefetch_keeps_the_order():
+    from sharpjax import parallel
+    from sharpjax.data import prefetch_to_mesh
+
+    x, y = np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20)
+    whole = list(iterate_batches(x, y, batch_size=8, seed=3, epoch=1))
+    parts = [
+        list(iterate_batches(x, y, batch_size=8, seed=3, epoch=1, num_shards=4, shard_index=i))
+        for i in range(4)
+    ]
+    assert len(whole) == 2 and all(len(p) == 2 for p in parts)
+    for k, (xb, yb) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([p[k][0] for p in parts]), xb)
+        np.testing.assert_array_equal(np.concatenate([p[k][1] for p in parts]), yb)
+        assert all(len(p[k][1]) == 2 for p in parts)
+    with pytest.raises(ValueError, match="batch_size=8 is not a multiple of num_shards=3"):
+        next(iterate_batches(x, y, batch_size=8, seed=0, epoch=0, num_shards=3))
+    mesh = parallel.make_mesh(None)
+    fetched = list(prefetch_to_mesh(iter(whole), mesh, size=2))
+    assert len(fetched) == len(whole)
+    for (xb, yb), (xd, yd) in zip(whole, fetched, strict=True):
+        assert xd.sharding.spec == jax.sharding.PartitionSpec("batch")
+        np.testing.assert_array_equal(np.asarray(xd), xb)
+        np.testing.assert_array_equal(np.asarray(yd), yb)
