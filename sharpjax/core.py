@@ -210,7 +210,8 @@ class PerturbationRule:
       perturb: ``(g, params, state, rho) -> (ε, state, diagnostics)``, with ``g`` the clean
         gradient (already averaged across devices in synced mode) and ``rho`` the radius of
         this step. ``diagnostics`` is a dict of float32 scalars with keys ``diagnostics``.
-      diagnostics: names of the diagnostics the rule reports.
+      diagnostics: names of the diagnostics the rule reports. The rule may also return
+        ``perturbation_norm`` (‖ε‖) when it has it for free; the core computes it otherwise.
     """
 
     init: Callable[[Any], Any]
@@ -424,6 +425,11 @@ def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
 
 
 def _check_count(argument: str, value: int) -> None:
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{argument} must be a Python int (it fixes the program's shape), got an array; "
+            f"under optax.inject_hyperparams pass static_args=({argument!r},)."
+        )
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{argument} must be an int >= 1, got {value!r}.")
 
@@ -578,46 +584,54 @@ def sharpness_aware(
             take, policy_state, policy_diag = policy.decide(sq, state.policy_state, count)
             take = jnp.asarray(take, jnp.bool_)
 
-        # --- one micro-batch (or the whole batch): perturb, second pass, combine -------------
-        def perturb_one(g, p_state):
+        # --- one micro-batch (or the whole batch): perturb, second pass, combine ------------
+        def one(g, p_state, c_state, j):
             eps, p_state, p_diag = perturbation.perturb(g, params, p_state, rho_t)
-            return eps, p_state, p_diag
-
-        def finish_one(g, eps, g2, c_state):
-            out, c_state, c_diag = combination.combine(g, g2, c_state, count)
-            grad_norm, g2_norm = tree_norm(g), tree_norm(g2)
-            diag = {
-                "grad_norm": grad_norm,
-                "perturbation_norm": tree_norm(eps),
-                "second_grad_norm": g2_norm,
-                "cosine": tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS),
-                **c_diag,
-            }
-            return out, c_state, diag
-
-        def with_second(_):
-            if micro:
-                eps, p_state, p_diag = jax.vmap(perturb_one)(g_in, state.perturbation_state)
-                # The second passes run one micro-batch after another (lax.map): its compile
-                # time does not grow with m, and each pass runs at the speed of a plain one.
-                loss2, g2 = jax.lax.map(
-                    lambda j: second_pass(tree_add(params, jax.tree.map(lambda e: e[j], eps)), j),
-                    jnp.arange(m, dtype=jnp.int32),
-                )
-            else:
-                eps, p_state, p_diag = perturb_one(g_in, state.perturbation_state)
-                loss2, g2 = second_pass(tree_add(params, eps))
-            _check_same_structure("the second gradient", updates, g2)
+            # ‖ε‖ comes from the rule when it has it for free: computing it here would keep ε
+            # alive through the second pass (a parameter copy, measured with memory_analysis).
+            p_diag = dict(p_diag)
+            eps_norm = p_diag.pop("perturbation_norm", None)
+            eps_norm = tree_norm(eps) if eps_norm is None else eps_norm
+            grad_norm = tree_norm(g)
+            perturbed = tree_add(params, eps)
+            loss2, g2 = second_pass(perturbed) if j is None else second_pass(perturbed, j)
+            _check_same_structure("the second gradient", params, g2)
             if axis_name is not None:
                 g2 = _group_mean(g2, axis_name, groups)
-            if micro:
-                out, c_state, diag = jax.vmap(finish_one)(g_in, eps, g2, state.combination_state)
-            else:
-                out, c_state, diag = finish_one(g_in, eps, g2, state.combination_state)
-            finite = tree_all_finite((g_in, g2))
-            loss2 = jnp.nan if loss2 is None else jnp.mean(jnp.asarray(loss2, jnp.float32))
-            diag = {**micro_mean(diag), **micro_mean(p_diag), "perturbed_loss": loss2}
-            return _as_params(micro_mean(out)), p_state, c_state, _f32(diag), finite
+            out, c_state, c_diag = combination.combine(g, g2, c_state, count)
+            g2_norm = tree_norm(g2)
+            # g lives through the second pass for this (one parameter copy when the combination
+            # does not need g itself): the cosine is what SAM papers plot, so it stays.
+            cosine = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
+            diag = {
+                "grad_norm": grad_norm,
+                "perturbation_norm": eps_norm,
+                "second_grad_norm": g2_norm,
+                "cosine": cosine,
+                "perturbed_loss": jnp.nan if loss2 is None else loss2,
+                **p_diag,
+                **c_diag,
+            }
+            # A NaN or Inf anywhere in g, in a rule state or in g₂ shows in these norms.
+            finite = jnp.all(jnp.isfinite(jnp.stack([grad_norm, eps_norm, g2_norm])))
+            return _as_params(out), p_state, c_state, _f32(diag), finite
+
+        def with_second(_):
+            if not micro:
+                return one(g_in, state.perturbation_state, state.combination_state, None)
+
+            # m-sharpness: one micro-batch after another (lax.scan), summing the outputs, so
+            # that the compile time does not grow with m and no m-fold ε or g₂ is ever stored.
+            def body(total, inputs):
+                g, p_state, c_state, j = inputs
+                out, p_state, c_state, diag, finite = one(g, p_state, c_state, j)
+                return tree_add(total, out), (p_state, c_state, diag, finite)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            inputs = (g_in, state.perturbation_state, state.combination_state, jnp.arange(m))
+            total, (p_state, c_state, diag, finite) = jax.lax.scan(body, zeros, inputs)
+            out = tree_scale(total, 1.0 / m)
+            return out, p_state, c_state, micro_mean(diag), jnp.all(finite)
 
         def without_second(_):
             if micro:

@@ -222,7 +222,7 @@ def microbatch_value_and_grad(
 
 def msam(
     rho: ScalarOrSchedule = 0.05,
-    num_microbatches: int | None = None,
+    num_microbatches: int = 1,
     *,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -246,6 +246,7 @@ def msam(
     :func:`microbatch_value_and_grad` builds both from ``loss_fn(params, batch)``.
     Two full-batch gradient evaluations in all, like SAM. The output has the params' shape
     (the mean over micro-batches), so the base optimizer chained after it sees a normal gradient.
+    Under ``optax.inject_hyperparams`` pass ``static_args=("num_microbatches",)``.
     """
     return sam(rho, num_microbatches=num_microbatches, axis_name=axis_name)
 

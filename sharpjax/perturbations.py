@@ -23,9 +23,10 @@ from sharpjax.core import (
 )
 
 
-def _normalized(direction: Any, rho: jax.Array) -> Any:
-    """``ρ · direction / ‖direction‖``, zero for a zero direction."""
-    return tree_scale(direction, rho / (tree_norm(direction) + NORM_EPS))
+def _normalized(direction: Any, rho: jax.Array) -> tuple[Any, jax.Array]:
+    """``ρ · direction / ‖direction‖`` (zero for a zero direction) and its norm."""
+    norm = tree_norm(direction)
+    return tree_scale(direction, rho / (norm + NORM_EPS)), rho * norm / (norm + NORM_EPS)
 
 
 def sam_perturbation() -> PerturbationRule:
@@ -33,7 +34,8 @@ def sam_perturbation() -> PerturbationRule:
 
     def perturb(g, params, state, rho):
         del params
-        return _normalized(g, rho), state, {}
+        eps, eps_norm = _normalized(g, rho)
+        return eps, state, {"perturbation_norm": eps_norm}
 
     return PerturbationRule(lambda params: (), perturb)
 
@@ -83,7 +85,9 @@ def vasso_perturbation(theta: float = 0.9) -> PerturbationRule:
             return jnp.where(state.started, (1.0 - theta_t) * d + theta_t * x, x)
 
         d = jax.tree.map(ema, state.d, g)
-        eps = jax.tree.map(lambda e, w: e.astype(w.dtype), _normalized(d, rho), params)
-        return eps, VassoState(d=d, started=jnp.ones([], jnp.bool_)), {"d_norm": tree_norm(d)}
+        eps, eps_norm = _normalized(d, rho)
+        eps = jax.tree.map(lambda e, w: e.astype(w.dtype), eps, params)
+        diag = {"d_norm": tree_norm(d), "perturbation_norm": eps_norm}
+        return eps, VassoState(d=d, started=jnp.ones([], jnp.bool_)), diag
 
     return PerturbationRule(init, perturb, diagnostics=("d_norm",))

@@ -158,9 +158,10 @@ INJECTABLE = [
 @pytest.mark.parametrize("make, hyperparams", INJECTABLE, ids=lambda x: getattr(x, "__name__", ""))
 def test_every_constructor_works_under_inject_hyperparams(setup, make, hyperparams):
     params, batches = setup
-    tx = optax.chain(optax.inject_hyperparams(make)(**hyperparams), optax.sgd(LR))
-    state = tx.init(params)
     micro = make is sharpjax.msam
+    static = ("num_microbatches",) if micro else ()  # an int that fixes the program's shape
+    tx = optax.chain(optax.inject_hyperparams(make, static)(**hyperparams), optax.sgd(LR))
+    state = tx.init(params)
 
     @jax.jit
     def step(params, state, batch):

@@ -1,13 +1,13 @@
 """Label noise for the robustness experiments (training split only).
 
-Two kinds, following the protocol summarised in ``ALGORITHMS.md`` ("Label noise"):
+Two kinds, following the protocol summarised in ``docs/algorithms.md`` ("Label noise"):
 
 * **symmetric**: exactly ``round(rate * N)`` training examples, chosen uniformly at random
   without replacement, are moved to a class drawn uniformly from the ``K - 1`` *other*
   classes. Every chosen label therefore really changes, so the realised noise rate equals
   ``rate`` (up to rounding). Some papers instead redraw from all ``K`` classes, which gives an
   effective rate of ``rate * (K - 1) / K``; we follow the "different class" convention that
-  ``ALGORITHMS.md`` prescribes, so ``rate`` is the true fraction of wrong labels.
+  ``docs/algorithms.md`` prescribes, so ``rate`` is the true fraction of wrong labels.
 * **asymmetric**: class-dependent flips that mimic confusions between similar classes.
   For CIFAR-10 the map of Patrini et al. (2017, "Making deep neural networks robust to label
   noise: a loss correction approach"): truck→automobile (9→1), bird→airplane (2→0),

@@ -8,7 +8,7 @@ it. Overrides from the command line::
 :func:`make_optimizer` turns a config into the optax chain the loop uses::
 
     sharpness-aware transformation (sam, asam, vasso, saner, gsam, msam, noise-resistant)
-    -> add_decayed_weights(weight_decay)     # outside the perturbation (ALGORITHMS.md)
+    -> add_decayed_weights(weight_decay)     # outside the perturbation (docs/algorithms.md)
     -> sgd(lr schedule, momentum)            # or adamw(lr schedule, weight_decay)
 """
 
@@ -603,7 +603,7 @@ def make_optimizer(
     """The optax chain of a config: sharpness-aware transformation, weight decay, base optimizer.
 
     * The sharpness-aware transformation comes first, so the weight decay and the base
-      optimizer act on its output, outside the perturbation (ALGORITHMS.md).
+      optimizer act on its output, outside the perturbation (docs/algorithms.md).
     * ``saner*``: α follows :func:`sharpjax.saner_warmup` when ``saner_warmup_epochs > 0``.
       ``saner_vasso``/``saner_asam`` put SANER on VaSSO's / ASAM's perturbation.
     * ``gsam``: ρ follows the learning-rate schedule, ``ρ_t = ρ · lr_t / lr_peak``, as in the
@@ -636,16 +636,6 @@ def make_optimizer(
     if m is None:
         m = config.num_microbatches if name == "msam" else 1
     micro = {"num_microbatches": m} if m > 1 else {}
-    if micro and name not in ("sgd", "adamw", "sam", "msam"):
-        import inspect
-
-        if "num_microbatches" not in inspect.signature(sharpjax.sharpness_aware).parameters:
-            raise ValueError(
-                f"optimizer={name!r} with {m} perturbation micro-batches (perturbation_mode="
-                f"{config.perturbation_mode!r}) needs sharpjax.sharpness_aware(..., "
-                "num_microbatches=m), which this sharpjax does not have yet: use "
-                "perturbation_mode='synced', or optimizer='sam'/'msam'."
-            )
 
     if name in ("sgd", "adamw"):
         sharpness = None
