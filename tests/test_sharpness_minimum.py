@@ -51,6 +51,34 @@ def test_exact_diagonal_matches_dense_hessian(case):
     )
 
 
+def test_exact_diagonal_in_padded_chunks_matches_dense_hessian(x64, monkeypatch):  # noqa: F811
+    """Chunks of 5 of 12 examples (a padded, masked last chunk) give the same diagonal."""
+    import sys
+
+    diagonal_module = sys.modules["sharpjax.sharpness.diagonal"]
+    monkeypatch.setattr(diagonal_module, "example_chunk", lambda entries: 5)
+    case = net_case("mlp")
+    net = case.net
+    # A fresh function object: the jitted diagonal is cached per logits_fn.
+    diag = sharpness.hessian_diagonal(lambda p, x: net.logits_fn(p, x), net.params, (net.x, net.y))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+        diag,
+        dense_diagonal(case),
+    )
+
+
+def test_example_chunk_rule():
+    import sys
+
+    d = sys.modules["sharpjax.sharpness.diagonal"]
+    assert d.example_chunk(10 * 26_000) == d.EXAMPLE_CHUNK_ENTRIES // (10 * 26_000)  # cache
+    assert d.example_chunk(10 * 1_100_000) == d.MIN_EXAMPLE_CHUNK  # wide: amortise weights
+    huge = d.MAX_CHUNK_ENTRIES // 3
+    assert d.example_chunk(huge) == 3  # memory cap
+    assert d.example_chunk(2 * d.MAX_CHUNK_ENTRIES) == 1
+
+
 def test_hvp_diagonal_converges_to_exact(x64):  # noqa: F811
     case = net_case("mlp")
     net = case.net
