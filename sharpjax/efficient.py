@@ -1,0 +1,605 @@
+"""Efficient sharpness-aware variants: SAM's second gradient on some steps, weights or rows.
+
+Each is an optax transformation built on :func:`sharpjax.core.sharpness_aware` (Momentum-SAM
+excepted: it takes no second gradient at all and owns the momentum), and each is also
+available as rules, so that other rules compose with it (SANER on RST, SANER on LookSAM)::
+
+    policy                         combination                 perturbation
+    every_k_steps(k)               looksam_combination(α)      sam_perturbation()
+    random_policy(p, seed)         (any)                       (any)
+    adaptive_policy(c, δ)          (any)                       (any)
+                                                               stochastic_perturbation(β, seed)
+
+A policy decides before the perturbation whether the step takes the second gradient; the
+core skips it under ``lax.cond`` (a skipped step costs one gradient) and reports
+``second_gradient`` and ``second_gradient_fraction`` in the diagnostics. Its decision depends
+only on ‖g‖² averaged over the data-parallel axis, the step count and its own replicated
+state (a PRNG key), so every device takes the same decision.
+
+Sources and equations: the project's ``docs/algorithms.md``; each constructor's docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sharpjax.core import (
+    NORM_EPS,
+    CombinationRule,
+    PerturbationRule,
+    ScalarOrSchedule,
+    SecondGradientPolicy,
+    check_scalar_or_schedule,
+    compute_dtype,
+    evaluate,
+    sharpness_aware,
+    tree_norm,
+    tree_vdot,
+    use_second_gradient,
+)
+from sharpjax.perturbations import sam_perturbation
+
+__all__ = [
+    "AdaptivePolicyState",
+    "LookSamState",
+    "MomentumSamState",
+    "adaptive_policy",
+    "ae_sam",
+    "ae_sam_threshold",
+    "esam",
+    "every_k_steps",
+    "grst_schedule",
+    "looksam",
+    "looksam_combination",
+    "momentum_sam",
+    "momentum_sam_weights",
+    "random_policy",
+    "random_sam",
+    "stochastic_perturbation",
+]
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
+def _check_seed(seed: Any) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be a Python int (the policy's PRNG seed), got {seed!r}.")
+
+
+# --------------------------------------------------------------------------------------
+# Policies.
+# --------------------------------------------------------------------------------------
+
+
+def every_k_steps(k: int) -> SecondGradientPolicy:
+    """Takes the second gradient on steps 0, k, 2k, ... (LookSAM's schedule). k = 1: always."""
+    _check_int("k", k)
+
+    def decide(sq, state, count):
+        del sq
+        return count % k == 0, state, {}
+
+    return SecondGradientPolicy(lambda params: (), decide)
+
+
+def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradientPolicy:
+    """RST's policy: the second gradient with probability ``p_t`` (a float or a schedule).
+
+    The PRNG key lives in the state (replicated, so every device draws the same number).
+    ``p_t`` is clamped into [0, 1]; p = 1 always takes it, p = 0 never. Reports
+    ``probability`` (the ``p_t`` used).
+    """
+    check_scalar_or_schedule("probability", probability, 0.0, 1.0)
+    _check_seed(seed)
+
+    def decide(sq, raw, count):
+        del sq
+        p = evaluate(probability, count, 0.0, 1.0)
+        key, draw = jax.random.split(jax.random.wrap_key_data(raw))
+        # uniform is in [0, 1): p = 1 always takes, p = 0 never.
+        take = jax.random.uniform(draw, (), p.dtype) < p
+        return take, jax.random.key_data(key), {"probability": p}
+
+    return SecondGradientPolicy(_raw_key(seed), decide, diagnostics=("probability",))
+
+
+def _raw_key(seed: int) -> Callable[[Any], jax.Array]:
+    # States hold raw key data (uint32), which every optax utility and checkpoint handles.
+    return lambda params: jax.random.key_data(jax.random.key(seed))
+
+
+def grst_schedule(total_steps: int, start: float = 0.0, end: float = 1.0) -> optax.Schedule:
+    """G-RST's growing probability (Zhao et al. 2022): linear from ``start`` to ``end``.
+
+    ``p_t = start + (end − start) · min(t / total_steps, 1)``; the defaults (0 → 1) make half
+    the steps of the run take the second gradient, more of them late in training.
+    """
+    _check_int("total_steps", total_steps)
+    check_scalar_or_schedule("start", start, 0.0, 1.0)
+    check_scalar_or_schedule("end", end, 0.0, 1.0)
+    return optax.linear_schedule(start, end, total_steps)
+
+
+class AdaptivePolicyState(NamedTuple):
+    """AE-SAM's moving mean and variance of ‖g‖², and whether they have seen a step."""
+
+    mean: jax.Array
+    var: jax.Array
+    started: jax.Array
+
+
+def ae_sam_threshold(
+    target_fraction: float = 0.5, total_steps: int | None = None, spread: float = 1.0
+) -> ScalarOrSchedule:
+    """AE-SAM's threshold ``c_t`` so that about ``target_fraction`` of the steps use SAM.
+
+    If ‖g‖² is normal with the tracked mean μ and deviation σ, ``P(‖g‖² ≥ μ + c σ) = 1 − Φ(c)``,
+    so ``c₀ = Φ⁻¹(1 − target_fraction)``. With ``total_steps`` the threshold decreases
+    linearly from ``c₀ + spread`` to ``c₀ − spread`` over the run (the paper's schedule, which
+    with its λ₁ = −1, λ₂ = 1 is target 0.5 and spread 1: fewer SAM steps early, more late);
+    without it, ``c₀`` is constant.
+    """
+    check_scalar_or_schedule("target_fraction", target_fraction, 0.0, 1.0, open_low=True)
+    if not target_fraction < 1.0:
+        raise ValueError(
+            "target_fraction must be < 1 (1 is SAM on every step: pass c=-inf or use sam)."
+        )
+    check_scalar_or_schedule("spread", spread, 0.0)
+    c0 = float(jax.scipy.stats.norm.ppf(1.0 - target_fraction))
+    if total_steps is None:
+        return c0
+    _check_int("total_steps", total_steps)
+    return optax.linear_schedule(c0 + spread, c0 - spread, total_steps)
+
+
+def adaptive_policy(c: ScalarOrSchedule = 0.0, delta: float = 0.9) -> SecondGradientPolicy:
+    """AE-SAM's policy (Jiang et al., ICLR 2023): SAM where ‖g‖² is large for the run so far.
+
+    With ``x_t = ‖g_t‖²``: ``μ_t = δ μ_{t−1} + (1 − δ) x_t``,
+    ``σ²_t = δ σ²_{t−1} + (1 − δ)(x_t − μ_t)²`` (``μ_0 = x_0``, ``σ_0 = 0``), and the step takes
+    the second gradient when ``x_t ≥ μ_t + c_t σ_t``. ``c`` is a float or a schedule
+    (:func:`ae_sam_threshold`); c = −∞ always takes it (SAM), c = +∞ never (the base optimizer).
+    Reports ``threshold`` (``c_t``) and ``grad_sq_zscore`` ((x − μ)/σ).
+    """
+    # ±∞ are the documented reductions (SAM, the base optimizer); anything else is finite.
+    if callable(c) or not (isinstance(c, float | int) and math.isinf(c)):
+        check_scalar_or_schedule("c", c, -float("inf"))
+    check_scalar_or_schedule("delta", delta, 0.0, 1.0)
+
+    def init(params):
+        del params
+        zero = jnp.zeros([], jnp.float32)
+        return AdaptivePolicyState(zero, zero, jnp.zeros([], jnp.bool_))
+
+    def decide(x, state, count):
+        x = x.astype(jnp.float32)
+        mean = jnp.where(state.started, delta * state.mean + (1.0 - delta) * x, x)
+        var = jnp.where(state.started, delta * state.var + (1.0 - delta) * (x - mean) ** 2, 0.0)
+        std = jnp.sqrt(var)
+        c_t = jnp.asarray(c(count) if callable(c) else c, jnp.float32)
+        # Written out so that ±∞ hold even where σ = 0 (∞ · 0 would be NaN).
+        take = jnp.where(
+            c_t == -jnp.inf, True, jnp.where(c_t == jnp.inf, False, x >= mean + c_t * std)
+        )
+        zscore = (x - mean) / (std + NORM_EPS)
+        new = AdaptivePolicyState(mean, var, jnp.ones([], jnp.bool_))
+        return take, new, {"threshold": c_t, "grad_sq_zscore": zscore}
+
+    return SecondGradientPolicy(init, decide, diagnostics=("threshold", "grad_sq_zscore"))
+
+
+# --------------------------------------------------------------------------------------
+# LookSAM's combination.
+# --------------------------------------------------------------------------------------
+
+
+class LookSamState(NamedTuple):
+    """LookSAM's ``g_v`` (the part of the last SAM gradient orthogonal to g) and the inner
+    combination rule's state."""
+
+    g_v: Any
+    inner: Any
+
+
+def looksam_combination(
+    alpha: ScalarOrSchedule = 0.7, inner: CombinationRule | None = None
+) -> CombinationRule:
+    """LookSAM (Liu et al., CVPR 2022): reuse the SAM gradient's orthogonal part between steps.
+
+    On a step that takes ``g₂``: ``g_s = inner(g, g₂)`` (default ``g₂``; SANER on LookSAM is
+    ``inner=saner_combination(0.5)``), output ``g_s``, and keep
+    ``g_v = g_s − (g_s·ĝ) ĝ`` with ``ĝ = g/‖g‖``. On a skipped step: output
+    ``g + α (‖g‖/‖g_v‖) g_v`` (``g`` before any step took ``g₂``). Reports ``g_v_norm``.
+    """
+    inner = inner or use_second_gradient()
+    check_scalar_or_schedule("alpha", alpha, 0.0)
+
+    def init(params):
+        g_v = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
+        return LookSamState(g_v=g_v, inner=inner.init(params))
+
+    def combine(g, g2, state, count):
+        g_s, inner_state, diag = inner.combine(g, g2, state.inner, count)
+        g_norm = tree_norm(g)
+        along = tree_vdot(g_s, g) / (g_norm * g_norm + NORM_EPS)
+        g_v = jax.tree.map(
+            lambda s, x, v: s.astype(v.dtype) - along * x.astype(v.dtype), g_s, g, state.g_v
+        )
+        return g_s, LookSamState(g_v, inner_state), {**diag, "g_v_norm": tree_norm(g_v)}
+
+    def skip(g, state, count):
+        alpha_t = evaluate(alpha, count, 0.0)
+        g_v_norm = tree_norm(state.g_v)
+        scale = alpha_t * tree_norm(g) / (g_v_norm + NORM_EPS)
+        out = jax.tree.map(
+            lambda x, v: (x.astype(v.dtype) + scale * v).astype(x.dtype), g, state.g_v
+        )
+        # The inner rule reports on skipped steps what its own skip reports.
+        _, inner_state, diag = inner.skip(g, state.inner, count)
+        diag = {k: jnp.zeros([], jnp.float32) for k in inner.diagnostics} | diag
+        return out, LookSamState(state.g_v, inner_state), {**diag, "g_v_norm": g_v_norm}
+
+    return CombinationRule(init, combine, (*inner.diagnostics, "g_v_norm"), skip)
+
+
+# --------------------------------------------------------------------------------------
+# ESAM's stochastic weight perturbation.
+# --------------------------------------------------------------------------------------
+
+
+def stochastic_perturbation(beta: float = 0.6, seed: int = 0) -> PerturbationRule:
+    """ESAM's stochastic weight perturbation (Du et al., ICLR 2022).
+
+    ``ε = (m ⊙ ρ g/‖g‖) / β`` with ``m`` an elementwise Bernoulli(β) mask drawn afresh each
+    step, so that E[ε] is SAM's ε. β = 1 is SAM. The key is in the rule's state (each
+    device, and each micro-batch, draws from the same key).
+    """
+    check_scalar_or_schedule("beta", beta, 0.0, 1.0, open_low=True)
+    _check_seed(seed)
+
+    def perturb(g, params, raw, rho):
+        del params
+        key, draw = jax.random.split(jax.random.wrap_key_data(raw))
+        leaves, treedef = jax.tree.flatten(g)
+        keys = jax.random.split(draw, max(len(leaves), 1))
+        factor = rho / (tree_norm(g) + NORM_EPS) / beta
+
+        def leaf(x, k):
+            keep = jax.random.uniform(k, jnp.shape(x)) < beta
+            y = x.astype(compute_dtype(x))
+            return jnp.where(keep, factor * y, 0.0).astype(x.dtype)
+
+        eps = jax.tree.unflatten(treedef, [leaf(x, k) for x, k in zip(leaves, keys, strict=False)])
+        return eps, jax.random.key_data(key), {}
+
+    return PerturbationRule(_raw_key(seed), perturb)
+
+
+# --------------------------------------------------------------------------------------
+# Constructors.
+# --------------------------------------------------------------------------------------
+
+
+def looksam(
+    rho: ScalarOrSchedule = 0.05,
+    k: int = 5,
+    alpha: ScalarOrSchedule = 0.7,
+    *,
+    inner: CombinationRule | None = None,
+    num_microbatches: int | None = None,
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """LookSAM (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware
+    Minimization").
+
+    Every ``k`` steps (steps 0, k, 2k, ...) the SAM gradient ``g_s = ∇L(w + ρ g/‖g‖)``, and
+    ``g_v = g_s − (g_s·ĝ) ĝ`` is kept; on the other steps the output is
+    ``g + α (‖g‖/‖g_v‖) g_v`` with one gradient. Defaults ρ = 0.05, k = 5, α = 0.7 (the
+    paper's). k = 1 is SAM. ``inner`` applies another combination rule to the SAM steps
+    (SANER on LookSAM: ``inner=sharpjax.saner_combination(0.5)``).
+    """
+    return sharpness_aware(
+        sam_perturbation(),
+        looksam_combination(alpha, inner),
+        rho=rho,
+        policy=every_k_steps(k),
+        num_microbatches=num_microbatches,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+    )
+
+
+def random_sam(
+    rho: ScalarOrSchedule = 0.05,
+    probability: ScalarOrSchedule = 0.5,
+    *,
+    seed: int = 0,
+    combination: CombinationRule | None = None,
+    num_microbatches: int | None = None,
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """RST, randomized sharpness-aware training (Zhao, Zhang, Hu 2022, "Randomized
+    Sharpness-Aware Training for Boosting Computational Efficiency in Deep Learning").
+
+    Each step takes the SAM gradient ``∇L(w + ρ g/‖g‖)`` with probability ``p_t``, the clean
+    gradient otherwise (a Bernoulli draw from a key in the state, seeded by ``seed``).
+    ``probability`` is a float or a schedule: :func:`grst_schedule` is the paper's G-RST.
+    Defaults ρ = 0.05, p = 0.5 (the paper's constant-p setting). p = 1 is SAM, p = 0 the base
+    optimizer. ``combination`` replaces SAM's on the SAM steps (SANER on RST).
+    """
+    return sharpness_aware(
+        sam_perturbation(),
+        combination,
+        rho=rho,
+        policy=random_policy(probability, seed),
+        num_microbatches=num_microbatches,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+    )
+
+
+def ae_sam(
+    rho: ScalarOrSchedule = 0.05,
+    c: ScalarOrSchedule | None = None,
+    *,
+    target_fraction: float = 0.5,
+    total_steps: int | None = None,
+    delta: float = 0.9,
+    combination: CombinationRule | None = None,
+    num_microbatches: int | None = None,
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AE-SAM (Jiang, Yang, Zhang, Kwok, ICLR 2023, "An Adaptive Policy to Employ
+    Sharpness-Aware Minimization").
+
+    EMAs of the mean μ and variance σ² of ``x = ‖g‖²`` (rate δ = 0.9); the step takes the SAM
+    gradient when ``x ≥ μ + c_t σ`` and the clean one otherwise (see :func:`adaptive_policy`).
+    ``c`` defaults to :func:`ae_sam_threshold` ``(target_fraction, total_steps)``: for
+    a normal ‖g‖², about ``target_fraction`` (default 0.5) of the steps take SAM; with
+    ``total_steps`` the paper's linear schedule (fewer SAM steps early, more late). c = −∞ is
+    SAM, c = +∞ the base optimizer. ``combination`` replaces SAM's on the SAM steps.
+    """
+    if c is None:
+        c = ae_sam_threshold(target_fraction, total_steps)
+    return sharpness_aware(
+        sam_perturbation(),
+        combination,
+        rho=rho,
+        policy=adaptive_policy(c, delta),
+        num_microbatches=num_microbatches,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+    )
+
+
+_ESAM_CALL = (
+    "ESAM's data selection needs per-example losses: pass\n"
+    "    example_loss_fn = lambda p, indices=None: per_example_loss(p, x, y) if indices is None\n"
+    "                      else per_example_loss(p, x[indices], y[indices])\n"
+    "    updates, state = tx.update(grads, state, params, example_loss_fn=example_loss_fn,\n"
+    "                               example_losses=clean_per_example_losses)  # optional"
+)
+
+
+def esam(
+    rho: ScalarOrSchedule = 0.05,
+    beta: float = 0.6,
+    gamma: float = 0.5,
+    *,
+    seed: int = 0,
+    combination: CombinationRule | None = None,
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """ESAM (Du et al., ICLR 2022, "Efficient Sharpness-aware Minimization for Improved
+    Training of Neural Networks").
+
+    * Stochastic weight perturbation: ``ε = (m ⊙ ρ g/‖g‖)/β``, m elementwise Bernoulli(β)
+      (:func:`stochastic_perturbation`).
+    * Sharpness-sensitive data selection: the per-example losses at ``w + ε`` (a forward
+      pass) minus those at ``w``; the second gradient is taken on the ``⌈γB⌉`` rows where the
+      loss rises most (a static number of gathered rows, so the backward pass is smaller).
+
+    Defaults ρ = 0.05, β = 0.6, γ = 0.5 (the paper's CIFAR values). β = γ = 1 is SAM.
+
+    ``update`` extra arguments (a superset of the core's): ``example_loss_fn(params,
+    indices=None)`` returning the per-example losses of the batch (of the rows ``indices``,
+    an int32 array, when given), and optionally ``example_losses``, the clean per-example
+    losses the training step already has (recomputed with a forward pass when absent). With
+    γ = 1, ``grad_fn``/``value_and_grad_fn`` work as for :func:`sharpjax.sam` instead. The
+    diagnostics' ``perturbed_loss`` is the batch mean at ``w + ε`` and ``loss`` the clean
+    mean; ``selected_fraction`` is ⌈γB⌉/B.
+    """
+    check_scalar_or_schedule("gamma", gamma, 0.0, 1.0, open_low=True)
+    inner = sharpness_aware(
+        stochastic_perturbation(beta, seed),
+        combination,
+        rho=rho,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+    )
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        example_loss_fn=None,
+        example_losses=None,
+        loss=None,
+        **extra,
+    ):
+        if example_loss_fn is None:
+            if gamma < 1.0:
+                raise TypeError(f"esam(gamma={gamma}) needs example_loss_fn. {_ESAM_CALL}")
+            return inner.update(updates, state, params, loss=loss, **extra)
+        if not callable(example_loss_fn):
+            raise TypeError(f"example_loss_fn must be callable. {_ESAM_CALL}")
+        extra.pop("grad_fn", None)
+        extra.pop("value_and_grad_fn", None)
+
+        def mean_loss(p, indices=None):
+            losses = example_loss_fn(p) if indices is None else example_loss_fn(p, indices)
+            return jnp.mean(losses.astype(jnp.float32))
+
+        clean = None
+        if gamma < 1.0:
+            clean = example_loss_fn(params) if example_losses is None else example_losses
+            clean = jax.lax.stop_gradient(jnp.asarray(clean, jnp.float32))
+            if clean.ndim != 1:
+                raise ValueError(
+                    f"example_losses (or example_loss_fn(params)) must be a vector of "
+                    f"per-example losses, got shape {clean.shape}. {_ESAM_CALL}"
+                )
+        if loss is None and clean is not None:
+            loss = jnp.mean(clean)
+
+        def value_and_grad_fn(perturbed):
+            if gamma == 1.0:
+                return jax.value_and_grad(mean_loss)(perturbed)
+            rows = clean.shape[0]
+            selected = math.ceil(gamma * rows)
+            at_perturbed = jax.lax.stop_gradient(example_loss_fn(perturbed)).astype(jnp.float32)
+            if at_perturbed.shape != clean.shape:
+                raise ValueError(
+                    f"example_loss_fn gave {at_perturbed.shape} losses at w + ε but "
+                    f"{clean.shape} clean ones; both must be the batch's per-example losses."
+                )
+            _, indices = jax.lax.top_k(at_perturbed - clean, selected)
+            grads = jax.grad(mean_loss)(perturbed, indices.astype(jnp.int32))
+            return jnp.mean(at_perturbed), grads
+
+        return inner.update(
+            updates, state, params, value_and_grad_fn=value_and_grad_fn, loss=loss, **extra
+        )
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# Momentum-SAM.
+# --------------------------------------------------------------------------------------
+
+
+class MomentumSamState(NamedTuple):
+    """Momentum-SAM's state: the step count, the momentum ``v`` and the last diagnostics."""
+
+    count: jax.Array
+    velocity: Any
+    diagnostics: dict[str, jax.Array]
+
+
+def momentum_sam(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    rho: ScalarOrSchedule = 0.3,
+) -> optax.GradientTransformation:
+    """Momentum-SAM (Becker, Altrock, Risse 2023, "Momentum-SAM: Sharpness Aware Minimization
+    without Computational Overhead"): one gradient per step, at the point perturbed against
+    the momentum.
+
+    It replaces ``optax.sgd(learning_rate, momentum)`` (not a stage before it: it owns the
+    momentum). With ``w_t`` the true weights and ``v`` the momentum::
+
+        g_t     = ∇L(w_t − ρ v_t/‖v_t‖)     (v_0 = 0: plain SGD at step 0)
+        v_{t+1} = μ v_t + g_t
+        w_{t+1} = w_t − η_t v_{t+1}
+
+    As in the paper's code, the params the training loop holds are the perturbed weights
+    ``w̃_t = w_t − ρ v̂_t``, so the ordinary training step (one gradient at the params) gives
+    ``g_t``, and the update moves ``w̃_t`` to ``w̃_{t+1}``. Evaluate at the true weights,
+    :func:`momentum_sam_weights` ``(params, opt_state)``. Weight decay chains before it
+    (``optax.chain(optax.add_decayed_weights(wd), momentum_sam(lr))``) and is then taken at
+    ``w̃``. Defaults μ = 0.9, ρ = 0.3 (the paper's ρ for ResNets on CIFAR with SGD is of order
+    0.3 to 3, larger than SAM's since −v̂ is a weaker ascent direction). ρ = 0 is SGD with
+    momentum. Reports ``grad_norm``, ``velocity_norm`` and ``rho``.
+    """
+    check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
+    check_scalar_or_schedule("momentum", momentum, 0.0, 1.0)
+    check_scalar_or_schedule("rho", rho, 0.0)
+
+    def init_fn(params):
+        velocity = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
+        names = ("grad_norm", "velocity_norm", "rho")
+        return MomentumSamState(
+            jnp.zeros([], jnp.int32), velocity, {n: jnp.zeros([], jnp.float32) for n in names}
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = state.count
+        lr = evaluate(learning_rate, count, 0.0)
+        rho_now = evaluate(rho, count, 0.0)
+        rho_next = evaluate(rho, optax.safe_increment(count), 0.0)
+        old = state.velocity
+        new = jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype), old, updates)
+        old_norm, new_norm = tree_norm(old), tree_norm(new)
+        # w̃_{t+1} − w̃_t = ρ v̂_t − η v_{t+1} − ρ' v̂_{t+1}
+        back = rho_now / (old_norm + NORM_EPS)
+        ahead = rho_next / (new_norm + NORM_EPS)
+        out = jax.tree.map(
+            lambda v0, v1, g: (back * v0 - lr * v1 - ahead * v1).astype(g.dtype), old, new, updates
+        )
+        diag = {"grad_norm": tree_norm(updates), "velocity_norm": new_norm, "rho": rho_next}
+        diag = {k: jnp.asarray(v, jnp.float32) for k, v in diag.items()}
+        fresh = MomentumSamState(optax.safe_increment(count), new, diag)
+        finite = jnp.isfinite(new_norm)
+        # A non-finite gradient leaves the momentum as it was (the output carries it on).
+        kept = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), fresh, state._replace(diagnostics=diag)
+        )
+        return out, kept
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def momentum_sam_weights(params: Any, opt_state: Any, rho: ScalarOrSchedule = 0.3) -> Any:
+    """The true weights ``w_t = w̃_t + ρ v̂_t`` from the params a Momentum-SAM loop holds.
+
+    ``opt_state`` is the optimizer's state (a chain is searched for the
+    :class:`MomentumSamState`); ``rho`` must be the one given to :func:`momentum_sam`.
+    """
+    found = []
+
+    def visit(node):
+        if isinstance(node, MomentumSamState):
+            found.append(node)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+        elif isinstance(node, list | tuple):
+            for child in node:
+                visit(child)
+
+    visit(opt_state)
+    if len(found) != 1:
+        raise ValueError(
+            f"momentum_sam_weights needs the state of exactly one momentum_sam in opt_state, "
+            f"found {len(found)}."
+        )
+    state = found[0]
+    rho_t = evaluate(rho, state.count, 0.0)
+    scale = rho_t / (tree_norm(state.velocity) + NORM_EPS)
+    return jax.tree.map(
+        lambda w, v: (w.astype(v.dtype) + scale * v).astype(w.dtype), params, state.velocity
+    )
