@@ -649,6 +649,8 @@ def sharpness_aware(
                 "cosine": zero,
                 "perturbed_loss": jnp.float32(jnp.nan),
                 **{k: zero for k in perturbation.diagnostics},
+                # a rule whose skip reports less (the default skip reports nothing) shows 0
+                **{k: zero for k in combination.diagnostics},
                 **micro_mean(c_diag),
             }
             finite = tree_all_finite(g_in)

@@ -427,7 +427,7 @@ def esam(
     losses the training step already has (recomputed with a forward pass when absent). With
     γ = 1, ``grad_fn``/``value_and_grad_fn`` work as for :func:`sharpjax.sam` instead. The
     diagnostics' ``perturbed_loss`` is the batch mean at ``w + ε`` and ``loss`` the clean
-    mean; ``selected_fraction`` is ⌈γB⌉/B.
+    mean. Not with ``num_microbatches`` (the selection is over the whole batch).
     """
     check_scalar_or_schedule("gamma", gamma, 0.0, 1.0, open_low=True)
     inner = sharpness_aware(

@@ -1,0 +1,434 @@
+"""Efficient variants (LookSAM, RST, AE-SAM, ESAM, Momentum-SAM) against flat equations."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import sharpjax
+from sharpjax import efficient
+from tests.helpers import flat_loss_grad, mlp_apply, tiny_mlp_params, toy_batches
+
+LR, MOMENTUM, STEPS, RHO = 0.1, 0.9, 9, 0.1
+# float32 trajectories of a few steps of differently ordered sums: ~1e-6 relative per op.
+TOL = {"rtol": 2e-5, "atol": 2e-6}
+
+
+def example_losses(params, x, y):
+    logits = mlp_apply(params, x)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
+
+
+def mean_loss(params, x, y):
+    return jnp.mean(example_losses(params, x, y))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = tiny_mlp_params(jax.random.key(0))
+    batches = toy_batches(jax.random.key(1), STEPS)
+    return params, batches
+
+
+def run(tx, params, batches, *, jit=True, with_examples=False, counter=None):
+    """Trains with tx chained before heavy-ball SGD; returns flat params and diagnostics."""
+    tx = optax.chain(tx, optax.sgd(LR, momentum=MOMENTUM))
+    state = tx.init(params)
+
+    def step(params, state, batch):
+        x, y = batch
+        grads = jax.grad(mean_loss)(params, x, y)
+
+        def grad_fn(p):
+            if counter is not None:
+                jax.debug.callback(lambda: counter.append(1))
+            return jax.grad(mean_loss)(p, x, y)
+
+        extra = {"grad_fn": grad_fn}
+        if with_examples:
+
+            def example_loss_fn(p, indices=None):
+                if indices is None:
+                    return example_losses(p, x, y)
+                return example_losses(p, x[indices], y[indices])
+
+            extra = {"example_loss_fn": example_loss_fn}
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step) if jit else step
+    trajectory, diags = [], []
+    for batch in batches:
+        params, state = step(params, state, batch)
+        trajectory.append(ravel_pytree(params)[0])
+        diags.append({k: float(v) for k, v in sharpjax.diagnostics(state).items()})
+    return np.stack(trajectory), diags
+
+
+def flat_run(params, batches, direction):
+    """Heavy-ball SGD on ``direction(w, g, grad_at, step)``, on the flat parameter vector."""
+    w, _, grad = flat_loss_grad(params)
+    velocity, trajectory = jnp.zeros_like(w), []
+    for step, batch in enumerate(batches):
+        g = grad(w, batch)
+        out = direction(w, g, lambda point, b=batch: grad(point, b), step)
+        velocity = MOMENTUM * velocity + out
+        w = w - LR * velocity
+        trajectory.append(w)
+    return np.stack(trajectory)
+
+
+def sam_gradient(w, g, grad_at):
+    return grad_at(w + RHO * g / jnp.linalg.norm(g))
+
+
+def saner(g, g2, alpha=0.5):
+    ratio = g2 / (g + 1e-8)
+    mask = (ratio > 0) & (ratio < 1)
+    return g2 * jnp.where(mask, alpha, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# LookSAM.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", ["sam", "saner"])
+def test_looksam_equals_its_equation(setup, inner):
+    params, batches = setup
+    k, alpha = 3, 0.7
+    memory = {}
+
+    def direction(w, g, grad_at, step):
+        if step % k == 0:
+            g_s = sam_gradient(w, g, grad_at)
+            g_s = saner(g, g_s) if inner == "saner" else g_s
+            memory["g_v"] = g_s - (g_s @ g) / (g @ g) * g
+            return g_s
+        g_v = memory["g_v"]
+        return g + alpha * jnp.linalg.norm(g) / jnp.linalg.norm(g_v) * g_v
+
+    inner_rule = sharpjax.saner_combination(0.5) if inner == "saner" else None
+    got, diags = run(efficient.looksam(RHO, k, alpha, inner=inner_rule), params, batches)
+    np.testing.assert_allclose(got, flat_run(params, batches, direction), **TOL)
+    assert [d["second_gradient"] for d in diags] == [float(s % k == 0) for s in range(STEPS)]
+    assert diags[-1]["second_gradient_fraction"] == pytest.approx(3 / STEPS)
+
+
+def test_looksam_with_k_1_is_sam(setup):
+    params, batches = setup
+    got, _ = run(efficient.looksam(RHO, 1, 0.7), params, batches)
+    want, _ = run(sharpjax.sam(RHO), params, batches)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+# --------------------------------------------------------------------------------------
+# RST.
+# --------------------------------------------------------------------------------------
+
+
+def test_random_sam_follows_its_decisions(setup):
+    """On each step the update is SAM's when the reported decision took g₂, else SGD's."""
+    params, batches = setup
+    got, diags = run(efficient.random_sam(RHO, 0.5, seed=3), params, batches)
+    took = [d["second_gradient"] == 1.0 for d in diags]
+    assert 0 < sum(took) < STEPS, "seed 3 must mix both kinds of step for this test to bite"
+
+    def direction(w, g, grad_at, step):
+        return sam_gradient(w, g, grad_at) if took[step] else g
+
+    np.testing.assert_allclose(got, flat_run(params, batches, direction), **TOL)
+
+
+def test_random_policy_takes_about_p_of_the_steps():
+    """Bernoulli(p) draws: the count over n steps lies within 5 standard deviations."""
+    n = 2000
+    for p in (0.1, 0.5, 0.8):
+        policy = efficient.random_policy(p, seed=0)
+
+        def body(state, count, policy=policy):
+            take, state, _ = policy.decide(jnp.float32(1.0), state, count)
+            return state, take
+
+        _, takes = jax.lax.scan(body, policy.init(None), jnp.arange(n))
+        assert abs(int(takes.sum()) - n * p) < 5 * math.sqrt(n * p * (1 - p)), p
+
+
+def test_random_sam_reductions(setup):
+    params, batches = setup
+    sam, _ = run(sharpjax.sam(RHO), params, batches)
+    always, diags = run(efficient.random_sam(RHO, 1.0), params, batches)
+    np.testing.assert_allclose(always, sam, **TOL)
+    assert diags[-1]["second_gradient_fraction"] == 1.0
+    never, diags = run(efficient.random_sam(RHO, 0.0), params, batches)
+    base, _ = run(optax.identity(), params, batches)
+    np.testing.assert_allclose(never, base, **TOL)
+    assert diags[-1]["second_gradient_fraction"] == 0.0
+
+
+def test_saner_on_rst_equals_its_equation(setup):
+    params, batches = setup
+    tx = efficient.random_sam(RHO, 0.5, seed=3, combination=sharpjax.saner_combination(0.5))
+    got, diags = run(tx, params, batches)
+    took = [d["second_gradient"] == 1.0 for d in diags]
+    assert 0 < sum(took) < STEPS
+
+    def direction(w, g, grad_at, step):
+        return saner(g, sam_gradient(w, g, grad_at)) if took[step] else g
+
+    np.testing.assert_allclose(got, flat_run(params, batches, direction), **TOL)
+
+
+def test_grst_schedule_grows_linearly():
+    schedule = efficient.grst_schedule(100, 0.2, 1.0)
+    assert float(schedule(0)) == pytest.approx(0.2)
+    assert float(schedule(50)) == pytest.approx(0.6)
+    assert float(schedule(200)) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# AE-SAM.
+# --------------------------------------------------------------------------------------
+
+
+def test_ae_sam_equals_its_equation(setup):
+    params, batches = setup
+    c, delta = 0.3, 0.6
+    stats = {}
+
+    def direction(w, g, grad_at, step):
+        x = float(g @ g)
+        if step == 0:
+            mean, var = x, 0.0
+        else:
+            mean = delta * stats["mean"] + (1 - delta) * x
+            var = delta * stats["var"] + (1 - delta) * (x - mean) ** 2
+        stats.update(mean=mean, var=var)
+        threshold = mean + c * math.sqrt(var)
+        # A near-tie could flip with rounding; this fixture has none (else change the seed).
+        assert step == 0 or abs(x - threshold) > 1e-4 * x
+        stats.setdefault("took", []).append(x >= threshold)
+        return sam_gradient(w, g, grad_at) if x >= threshold else g
+
+    want = flat_run(params, batches, direction)
+    got, diags = run(efficient.ae_sam(RHO, c, delta=delta), params, batches)
+    assert [d["second_gradient"] == 1.0 for d in diags] == stats["took"]
+    assert 1 < sum(stats["took"]) < STEPS
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_ae_sam_reductions(setup):
+    params, batches = setup
+    sam, _ = run(sharpjax.sam(RHO), params, batches)
+    got, _ = run(efficient.ae_sam(RHO, -math.inf), params, batches)
+    np.testing.assert_allclose(got, sam, **TOL)
+    base, _ = run(optax.identity(), params, batches)
+    got, diags = run(efficient.ae_sam(RHO, math.inf), params, batches)
+    np.testing.assert_allclose(got, base, **TOL)
+    assert diags[-1]["second_gradient_fraction"] == 0.0
+
+
+def test_ae_sam_threshold_targets_the_fraction():
+    """For normal ‖g‖², the threshold c₀ = Φ⁻¹(1 − r) admits a fraction r; the schedule runs
+    from c₀ + spread to c₀ − spread."""
+    c0 = efficient.ae_sam_threshold(0.3)
+    draws = np.random.default_rng(0).standard_normal(200_000)
+    assert np.mean(draws >= c0) == pytest.approx(0.3, abs=0.005)
+    schedule = efficient.ae_sam_threshold(0.5, total_steps=100)
+    assert float(schedule(0)) == pytest.approx(1.0)
+    assert float(schedule(100)) == pytest.approx(-1.0)
+
+
+def test_adaptive_policy_admits_about_the_target_fraction():
+    """On i.i.d. normal ‖g‖², the EMA policy takes SAM on roughly the targeted fraction."""
+    policy = efficient.adaptive_policy(efficient.ae_sam_threshold(0.3), delta=0.99)
+    xs = 10.0 + jax.random.normal(jax.random.key(0), (4000,))
+
+    def body(state, x):
+        take, state, _ = policy.decide(x, state, jnp.int32(0))
+        return state, take
+
+    _, takes = jax.lax.scan(body, policy.init(None), xs)
+    # The EMA's own noise widens the spread; 0.3 ± 0.05 holds with a wide margin.
+    assert float(jnp.mean(takes[500:])) == pytest.approx(0.3, abs=0.05)
+
+
+# --------------------------------------------------------------------------------------
+# ESAM.
+# --------------------------------------------------------------------------------------
+
+
+def test_esam_with_beta_gamma_1_is_sam(setup):
+    params, batches = setup
+    sam, _ = run(sharpjax.sam(RHO), params, batches)
+    got, _ = run(efficient.esam(RHO, 1.0, 1.0), params, batches)
+    np.testing.assert_allclose(got, sam, **TOL)
+    got, diags = run(efficient.esam(RHO, 1.0, 1.0), params, batches, with_examples=True)
+    np.testing.assert_allclose(got, sam, **TOL)
+    assert np.isfinite(diags[-1]["perturbed_loss"])
+
+
+def test_esam_data_selection_equals_its_equation(setup):
+    params, batches = setup
+    gamma = 0.4
+    _, unravel, _ = flat_loss_grad(params)
+    selected = math.ceil(gamma * batches[0][0].shape[0])
+
+    def direction(w, g, grad_at, step):
+        x, y = batches[step]
+        eps = RHO * g / jnp.linalg.norm(g)
+        rise = example_losses(unravel(w + eps), x, y) - example_losses(unravel(w), x, y)
+        order = np.argsort(-np.asarray(rise))
+        gap = float(rise[order[selected - 1]] - rise[order[selected]])
+        assert gap > 1e-5, "a near-tie at the cut could flip; change the fixture"
+        rows = order[:selected]
+        grads = jax.grad(mean_loss)(unravel(w + eps), x[rows], y[rows])
+        return ravel_pytree(grads)[0]
+
+    got, _ = run(efficient.esam(RHO, 1.0, gamma), params, batches, with_examples=True)
+    np.testing.assert_allclose(got, flat_run(params, batches, direction), **TOL)
+
+
+def test_esam_backward_pass_sees_only_the_selected_rows(setup):
+    params, batches = setup
+    seen = []
+    x, y = batches[0]
+
+    def example_loss_fn(p, indices=None):
+        if indices is None:
+            return example_losses(p, x, y)
+        seen.append(indices.shape)
+        return example_losses(p, x[indices], y[indices])
+
+    tx = efficient.esam(RHO, 0.5, 0.25)
+    grads = jax.grad(mean_loss)(params, x, y)
+    tx.update(grads, tx.init(params), params, example_loss_fn=example_loss_fn)
+    assert seen == [(math.ceil(0.25 * x.shape[0]),)]
+
+
+def test_stochastic_perturbation_masks_and_rescales(setup):
+    params, batches = setup
+    beta = 0.5
+    rule = efficient.stochastic_perturbation(beta, seed=1)
+    g = jax.grad(mean_loss)(params, *batches[0])
+    flat_g = ravel_pytree(g)[0]
+    full = RHO * flat_g / jnp.linalg.norm(flat_g) / beta
+    state, kept = rule.init(params), []
+    for _ in range(20):
+        eps, state, _ = rule.perturb(g, params, state, jnp.float32(RHO))
+        eps = np.asarray(ravel_pytree(eps)[0])
+        on = eps != 0
+        # Each element is either dropped or SAM's, scaled by 1/β.
+        np.testing.assert_allclose(eps[on], np.asarray(full)[on], rtol=1e-6)
+        kept.append(on.mean())
+    n = flat_g.size * 20
+    assert abs(np.mean(kept) - beta) < 5 * math.sqrt(beta * (1 - beta) / n)
+
+
+# --------------------------------------------------------------------------------------
+# Momentum-SAM.
+# --------------------------------------------------------------------------------------
+
+
+def test_momentum_sam_equals_its_equation(setup):
+    params, batches = setup
+    rho = 0.2
+    w, _, grad = flat_loss_grad(params)
+    v = jnp.zeros_like(w)
+    tx = efficient.momentum_sam(LR, MOMENTUM, rho)
+    held, state = params, tx.init(params)
+    for batch in batches:
+        v_hat = v / jnp.linalg.norm(v) if float(jnp.linalg.norm(v)) > 0 else v
+        g = grad(w - rho * v_hat, batch)
+        v = MOMENTUM * v + g
+        w = w - LR * v
+        # The loop holds the perturbed weights and takes its one gradient there.
+        updates, state = tx.update(jax.grad(mean_loss)(held, *batch), state, held)
+        held = optax.apply_updates(held, updates)
+        np.testing.assert_allclose(ravel_pytree(held)[0], w - rho * v / jnp.linalg.norm(v), **TOL)
+        true = efficient.momentum_sam_weights(held, state, rho)
+        np.testing.assert_allclose(ravel_pytree(true)[0], w, **TOL)
+
+
+def test_momentum_sam_with_rho_0_is_heavy_ball(setup):
+    params, batches = setup
+    tx = efficient.momentum_sam(LR, MOMENTUM, 0.0)
+    state, p, traj = tx.init(params), params, []
+    sgd = optax.sgd(LR, momentum=MOMENTUM)
+    s_state, q, want = sgd.init(params), params, []
+    for batch in batches:
+        u, state = tx.update(jax.grad(mean_loss)(p, *batch), state, p)
+        p = optax.apply_updates(p, u)
+        traj.append(ravel_pytree(p)[0])
+        u, s_state = sgd.update(jax.grad(mean_loss)(q, *batch), s_state, q)
+        q = optax.apply_updates(q, u)
+        want.append(ravel_pytree(q)[0])
+    np.testing.assert_allclose(np.stack(traj), np.stack(want), **TOL)
+
+
+# --------------------------------------------------------------------------------------
+# The skip really skips; composition; bad input.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "calls"),
+    [
+        (lambda: efficient.looksam(RHO, 3), 3),
+        (lambda: efficient.random_sam(RHO, 0.0), 0),
+        (lambda: efficient.random_sam(RHO, 1.0), STEPS),
+        (lambda: efficient.ae_sam(RHO, math.inf), 0),
+    ],
+)
+def test_skipped_steps_never_call_grad_fn(setup, make, calls):
+    params, batches = setup
+    counter = []
+    run(make(), params, batches, counter=counter)
+    jax.effects_barrier()
+    assert len(counter) == calls
+
+
+def test_diagnostics_report_fraction_and_policy_values(setup):
+    params, batches = setup
+    _, diags = run(efficient.random_sam(RHO, efficient.grst_schedule(STEPS)), params, batches)
+    took = np.cumsum([d["second_gradient"] for d in diags])
+    np.testing.assert_allclose(
+        [d["second_gradient_fraction"] for d in diags], took / np.arange(1, STEPS + 1), rtol=1e-6
+    )
+    assert diags[0]["probability"] == 0.0
+    assert diags[-1]["probability"] == pytest.approx((STEPS - 1) / STEPS)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: efficient.looksam(k=0), "k must be an int >= 1"),
+        (lambda: efficient.random_sam(probability=1.5), "probability must"),
+        (lambda: efficient.random_sam(seed=1.5), "seed must be a Python int"),
+        (lambda: efficient.ae_sam(target_fraction=1.0), "target_fraction must be < 1"),
+        (lambda: efficient.ae_sam(delta=2.0), "delta must"),
+        (lambda: efficient.esam(beta=0.0), "beta must"),
+        (lambda: efficient.esam(gamma=1.5), "gamma must"),
+        (lambda: efficient.momentum_sam(0.1, momentum=-0.1), "momentum must"),
+        (lambda: efficient.grst_schedule(0), "total_steps must"),
+    ],
+)
+def test_bad_input_raises(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_esam_without_example_losses_says_how(setup):
+    params, batches = setup
+    tx = efficient.esam(RHO, 1.0, 0.5)
+    g = jax.grad(mean_loss)(params, *batches[0])
+    with pytest.raises(TypeError, match="example_loss_fn"):
+        tx.update(g, tx.init(params), params, grad_fn=lambda p: g)
+    with pytest.raises(ValueError, match="exactly one momentum_sam"):
+        efficient.momentum_sam_weights(params, tx.init(params))
