@@ -115,7 +115,9 @@ def test_eigenvalues_trace_and_density_of_ggn_and_fisher(mlp, curvature):
     trace = sharpness.hessian_trace(mlp.loss, net.params, jax.random.key(1), 3 * d, "hutch++", **kw)
     np.testing.assert_allclose(trace.value, np.trace(C), rtol=1e-8)
     # With d Lanczos steps the Ritz values are C's eigenvalues, and the default grid spans
-    # [θ_min − 6σ, θ_max + 6σ]: both operators are positive semi-definite.
+    # [θ_min − 6σ, θ_max + 6σ]: both operators are positive semi-definite, unlike the Hessian
+    # of the same net (so a Hessian product in their place would fail here).
+    assert np.linalg.eigvalsh(mlp.H)[0] < -1e-3 * expected[0]
     sigma = 1e-3 * expected[0]
     grid, density = sharpness.spectral_density(
         mlp.loss, net.params, jax.random.key(2), d, sigma=sigma, num_points=4000, **kw
@@ -123,16 +125,6 @@ def test_eigenvalues_trace_and_density_of_ggn_and_fisher(mlp, curvature):
     np.testing.assert_allclose(grid[-1] - 6 * sigma, expected[0], rtol=1e-6)
     assert grid[0] + 6 * sigma > -1e-8 * expected[0]
     np.testing.assert_allclose(np.trapezoid(density, grid), 1, atol=1e-3)
-
-
-def test_hessian_density_reaches_negative_eigenvalues(mlp):
-    # The counterpart of the PSD check above: the Hessian of the same net is indefinite.
-    lo = np.linalg.eigvalsh(mlp.H)[0]
-    assert lo < -1e-4
-    grid, _ = sharpness.spectral_density(
-        mlp.net.loss, mlp.net.params, jax.random.key(2), mlp.H.shape[0], sigma=1e-4
-    )
-    np.testing.assert_allclose(grid[0] + 6e-4, lo, rtol=1e-6)
 
 
 def _blocks(params) -> dict[str, slice]:
@@ -156,17 +148,7 @@ def test_per_layer_eigenvalues_and_trace_match_dense_blocks(mlp):
     traces = sharpness.hessian_trace(
         net.loss, net.params, jax.random.key(1), 3 * largest, "hutch++", per_layer=True
     )
-    ggn = sharpness.hessian_trace(
-        mlp.loss,
-        net.params,
-        jax.random.key(1),
-        3 * largest,
-        "hutch++",
-        curvature="ggn",
-        per_layer=True,
-        batches=mlp.batches,
-    )
-    assert set(values) == set(traces) == set(ggn) == set(blocks)
+    assert set(values) == set(traces) == set(blocks)
     for name, s in blocks.items():
         block = H[s, s]
         eig, vec = values[name]
@@ -177,7 +159,6 @@ def test_per_layer_eigenvalues_and_trace_match_dense_blocks(mlp):
             V @ block, np.asarray(eig)[:, None] * V, atol=1e-6 * abs(float(eig[0]))
         )
         np.testing.assert_allclose(traces[name].value, np.trace(block), rtol=1e-8)
-        np.testing.assert_allclose(ggn[name].value, np.trace(mlp.G[s, s]), rtol=1e-8)
     # The blocks are not the whole story: H has off-diagonal blocks.
     off = H[blocks["Dense_0"], blocks["Dense_1"]]
     assert np.abs(off).max() > 1e-3
@@ -196,3 +177,39 @@ def test_bad_curvature_arguments_are_clear_errors(mlp):
         sharpness.hessian_trace(lambda w: jnp.sum(w**2), jnp.ones(3), key, per_layer=True)
     with pytest.raises(ValueError, match="of block 'Dense_2'"):
         sharpness.top_eigenvalues(net.loss, net.params, key, 20, 40, per_layer=True)
+
+
+def test_ggn_and_fisher_quadratic_forms_under_jit_in_float32():
+    # Regression: XLA:CPU miscompiled an equivalent form of the GGN's pᵀJv reduction under
+    # jit for 13+ probes on a trained float32 MLP of digits (rows off by up to 20x). Many
+    # probes, float32, jitted, against the same rows computed one probe at a time.
+    from sklearn.datasets import load_digits
+
+    from sharpjax.sharpness._batches import BatchLoss, _on_batch_jit
+    from sharpjax.sharpness.curvature import Operator
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        data = load_digits()
+        x = jnp.asarray(data.data[:256] / 16.0, jnp.float32)
+        y = jnp.asarray(data.target[:256], jnp.int32)
+        rng = np.random.default_rng(0)
+        params = {
+            "a": {"w": jnp.asarray(rng.normal(size=(64, 32)) / 8, jnp.float32)},
+            "b": {"w": jnp.asarray(rng.normal(size=(32, 10)) / 6, jnp.float32)},
+        }
+        logits_fn = lambda p, x: jax.nn.relu(x @ p["a"]["w"]) @ p["b"]["w"]
+        ce = sharpness.SoftmaxCrossEntropy(logits_fn)
+        for _ in range(50):  # a partly trained net: confident, unequal softmax outputs
+            params = jax.tree.map(lambda w, g: w - 0.5 * g, params, jax.grad(ce)(params, (x, y)))
+        V = jax.random.rademacher(jax.random.key(0), (20, 64 * 32 + 32 * 10), jnp.float32)
+        for curvature in ("ggn", "fisher"):
+            op = Operator(curvature, quadratic=True)
+            batched = np.asarray(_on_batch_jit(op, ce, params, (x, y), V))
+            one = np.asarray(
+                [op(BatchLoss(ce, (x, y)), params, V[i : i + 1])[0] for i in range(len(V))]
+            )
+            np.testing.assert_allclose(batched, one, rtol=1e-4)
+    finally:
+        jax.config.update("jax_enable_x64", previous)

@@ -137,8 +137,8 @@ def top_eigenvalues(
     check_curvature(curvature, loss_fn, batches)
     parts = blocks(params) if per_layer else [None]
     keys = jax.random.split(key, len(parts)) if per_layer else [key]
-    results = {}
-    for block, block_key in zip(parts, keys, strict=True):
+    sizes = []  # every block is checked before any is computed
+    for block in parts:
         sub = params if block is None else block_subtree(params, block)
         where = "" if block is None else f" of block {block.name!r}"
         d, m = _krylov_size(sub, num_iterations)
@@ -150,6 +150,9 @@ def top_eigenvalues(
             raise ValueError(
                 f"num_iterations={num_iterations} must be >= k={k}; raise num_iterations."
             )
+        sizes.append((sub, m))
+    results = {}
+    for block, block_key, (sub, m) in zip(parts, keys, sizes, strict=True):
         operator = Operator(curvature, None if block is None else (block.start, block.stop))
         values = evaluate(
             _top_eigenvalues,
