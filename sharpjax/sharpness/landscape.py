@@ -255,6 +255,7 @@ def plot_landscape(
     """
     import matplotlib.colors
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if isinstance(landscapes, Landscape):
         landscapes = {"": landscapes}
@@ -290,7 +291,12 @@ def plot_landscape(
         ax.contour(a, b, z, levels=levels[::3], colors="white", linewidths=0.6)
         ax.plot(0, 0, "w+")
         ax.set(title=label, xlabel="α", ylabel="β", aspect="equal")
-    fig.colorbar(filled, ax=axes[0].tolist(), label=ylabel)
+    bar = fig.colorbar(filled, ax=axes[0].tolist(), label=ylabel)
+    if log:  # contourf's log colour bar labels its levels, not decades
+        decades = np.arange(np.floor(np.log10(levels[0])), np.ceil(np.log10(levels[-1])) + 1)
+        bar.set_ticks([t for t in 10.0**decades if levels[0] <= t <= levels[-1]])
+        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
+        bar.ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if title:
         fig.suptitle(title)
     return fig
