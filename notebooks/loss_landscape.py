@@ -35,12 +35,11 @@
 # %%
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
-import numpy as np
 import optax
 
 import sharpjax
+from sharpjax import sharpness
 from sharpjax.data import iterate_batches, load_dataset
 from sharpjax.models import get_model
 
@@ -97,77 +96,34 @@ for name, p in solutions.items():
 
 
 # %% [markdown]
-# ## Filter-normalised directions
+# ## Filter-normalised slices with `sharpness.loss_landscape`
 #
 # flax stores a Dense kernel as `(in, out)` and a Conv kernel as `(..., in, out)`, so a
-# filter is a slice along the **last** axis and its norm is taken over all the other
-# axes. One-dimensional leaves (biases) get a zero direction.
-
-
-# %%
-def filter_normalised_direction(key, params):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-
-    def normalise(k, w):
-        if w.ndim <= 1:  # biases (and normalisation parameters): not perturbed
-            return jnp.zeros_like(w)
-        d = jax.random.normal(k, w.shape, w.dtype)
-        axes = tuple(range(w.ndim - 1))  # everything but the output (filter) axis
-        w_norm = jnp.sqrt(jnp.sum(w**2, axis=axes, keepdims=True))
-        d_norm = jnp.sqrt(jnp.sum(d**2, axis=axes, keepdims=True))
-        return d * w_norm / d_norm
-
-    directions = [normalise(k, w) for k, w in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, directions)
-
-
-@jax.jit
-def loss_surface(params, d1, d2, alphas, betas):
-    # L(w + α d1 + β d2) on the training set for every (α, β) pair, 32 at a time.
-    def loss_at(ab):
-        p = jax.tree.map(lambda w, u, v: w + ab[0] * u + ab[1] * v, params, d1, d2)
-        return loss_fn(p, x_train, y_train)
-
-    points = jnp.stack([alphas.ravel(), betas.ravel()], axis=-1)
-    return jax.lax.map(loss_at, points, batch_size=32).reshape(alphas.shape)
-
-
-# %% [markdown]
-# ## 1-D and 2-D slices
+# filter is a slice along the **last** axis (`filter_axis=-1`, the default) and its norm
+# is taken over all the other axes. One-dimensional leaves (biases) get a zero direction
+# (`include_1d=False`, the default of the paper's code). `loss_landscape` evaluates the
+# whole grid as one vmapped computation; the data go in as `batches`, so the jitted
+# program takes them as arguments instead of baking them in as constants.
 #
-# Both networks are sliced along directions drawn from the **same** random keys, each
+# Both networks are sliced along directions drawn from the **same** random key, each
 # normalised to its own network's filters, so the two pictures are directly comparable.
 
 # %%
-key1, key2 = jax.random.split(jax.random.key(42))
+batch_loss = lambda p, batch: loss_fn(p, *batch)
+train_data = [(x_train, y_train)]
+key = jax.random.key(42)
 line = jnp.linspace(-1.0, 1.0, 41)
-A, B = jnp.meshgrid(jnp.linspace(-1.0, 1.0, 25), jnp.linspace(-1.0, 1.0, 25))
+grid = jnp.linspace(-1.0, 1.0, 25)
 curves, surfaces = {}, {}
 for name, p in solutions.items():
-    d1 = filter_normalised_direction(key1, p)
-    d2 = filter_normalised_direction(key2, p)
-    curves[name] = np.asarray(loss_surface(p, d1, d2, line, jnp.zeros_like(line)))
-    surfaces[name] = np.asarray(loss_surface(p, d1, d2, A, B))
-    print(f"{name}: loss at α = ±1: {curves[name][0]:.3f}, {curves[name][-1]:.3f}")
+    curves[name] = sharpness.loss_landscape(batch_loss, p, key, 1, line, batches=train_data)
+    surfaces[name] = sharpness.loss_landscape(batch_loss, p, key, 2, grid, batches=train_data)
+    losses = curves[name].losses
+    print(f"{name}: loss at α = ±1: {float(losses[0]):.3f}, {float(losses[-1]):.3f}")
 
 # %%
-colors = {"SGD": "tab:gray", "SAM": "tab:blue"}
-levels = np.geomspace(1e-3, 20.0, 18)  # shared by both contour plots
-norm = matplotlib.colors.LogNorm(levels[0], levels[-1])
-fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
-for name, curve in curves.items():
-    axes[0].plot(line, curve, color=colors[name], label=name)
-axes[0].set(title="1-D slice (training loss)", xlabel="α", ylabel="loss")
-axes[0].legend()
-for ax, (name, Z) in zip(axes[1:], surfaces.items(), strict=True):
-    Z = np.clip(Z, levels[0], levels[-1])
-    filled = ax.contourf(A, B, Z, levels=levels, norm=norm, cmap="viridis")
-    ax.contour(A, B, Z, levels=levels[::3], colors="white", linewidths=0.6)
-    ax.plot(0, 0, "w+")
-    ax.set(title=f"2-D slice around the {name} solution", xlabel="α", ylabel="β")
-    ax.set(xticks=[-1, -0.5, 0, 0.5, 1], yticks=[-1, -0.5, 0, 0.5, 1], aspect="equal")
-fig.colorbar(filled, ax=axes[1:], label="training loss", ticks=[1e-3, 1e-2, 0.1, 1, 10])
+sharpness.plot_landscape(curves, title="1-D slice (training loss)")
+sharpness.plot_landscape(surfaces, title="2-D slices (training loss)")
 plt.show()
 
 # %% [markdown]
@@ -196,10 +152,16 @@ logits = lambda p: model.apply({"params": p}, x_train)
 gap = jnp.max(jnp.abs(logits(p_scaled) - logits(p_sgd)))
 print(f"max |logit difference| between the two networks: {float(gap):.1e}")
 
-d_orig = filter_normalised_direction(key1, p_sgd)
-d_scaled = filter_normalised_direction(key1, p_scaled)  # same draw, rescaled filters
-zero = jax.tree.map(jnp.zeros_like, p_sgd)
-slice_1d = lambda p, d: loss_surface(p, d, zero, line, jnp.zeros_like(line))
+d_orig = sharpness.random_direction(key, p_sgd)
+d_scaled = sharpness.random_direction(key, p_scaled)  # same draw, rescaled filters
+
+
+def slice_1d(p, d):  # d as it is: normalization=None
+    return sharpness.loss_landscape(
+        batch_loss, p, directions=[d], coordinates=line, normalization=None, batches=train_data
+    ).losses
+
+
 slices = {
     "original, filter-normalised d": slice_1d(p_sgd, d_orig),
     "rescaled, the same d": slice_1d(p_scaled, d_orig),
