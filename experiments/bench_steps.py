@@ -1,10 +1,16 @@
-"""Step-time benchmark: SGD, sharpjax's SAM variants and optax.contrib.sam, interleaved.
+"""Step-time benchmark: SGD, sharpjax's SAM variants, the efficient variants and
+optax.contrib.sam, interleaved.
 
 Every optimizer gets the same jitted training step (clean value_and_grad, then tx.update with
-grad_fn) on the same model and batch. Steps are timed round-robin (one of each, repeated), so
-that the shared machine's noise hits every optimizer alike; we report medians and ratios.
+grad_fn; ESAM gets per-example losses, Momentum-SAM replaces SGD) on the same model and batch.
+Windows of ``--window`` consecutive steps are timed round-robin (a window of each optimizer,
+repeated), so that the shared machine's noise hits every optimizer alike. The time per step
+is a window's mean, skipped second gradients included (LookSAM's k = 5 and RST's draws
+average out over a window of 10); we report the median over rounds and its ratio to SGD and
+to SAM. Per optimizer we also report the compile time of the step and XLA's temporary
+memory (``compiled.memory_analysis().temp_size_in_bytes``).
 
-    python experiments/bench_steps.py --repeats 200 --out results/benchmarks/steps.json
+    python experiments/bench_steps.py --repeats 30 --out results/benchmarks/steps.json
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ def optimizers(lr: float, rho: float) -> dict[str, tuple[optax.GradientTransform
     table = {"sgd": (base(), "plain")}
     table.update({name: (optax.chain(tx, base()), "sharpjax") for name, tx in sam_like.items()})
     table["msam"] = (optax.chain(sharpjax.msam(rho, num_microbatches=8), base()), "msam")
+    # The efficient variants, each with its defaults (AE-SAM: target fraction 0.5).
+    efficient = {
+        "looksam": sharpjax.looksam(rho),
+        "random_sam": sharpjax.random_sam(rho),
+        "ae_sam": sharpjax.ae_sam(rho),
+        "saner_random_sam": sharpjax.random_sam(rho, combination=sharpjax.saner_combination()),
+    }
+    table.update({name: (optax.chain(tx, base()), "sharpjax") for name, tx in efficient.items()})
+    table["esam"] = (optax.chain(sharpjax.esam(rho), base()), "esam")
+    table["momentum_sam"] = (sharpjax.momentum_sam(lr, 0.9), "plain")
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
     table["optax_contrib_sam"] = (
         optax.contrib.sam(base(), adversary, opaque_mode=True),
@@ -63,9 +79,12 @@ def optimizers(lr: float, rho: float) -> dict[str, tuple[optax.GradientTransform
 
 
 def make_step(model, tx, kind, num_microbatches=8):
-    def loss_fn(params, x, y):
+    def example_losses(params, x, y):
         logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    def loss_fn(params, x, y):
+        return example_losses(params, x, y).mean()
 
     def step(params, state, x, y):
         if kind == "msam":
@@ -75,6 +94,22 @@ def make_step(model, tx, kind, num_microbatches=8):
             )
             loss = losses.mean()
             updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+        elif kind == "esam":
+            # The clean per-example losses come with the clean gradient (no extra forward).
+            def mean_and_rows(p):
+                rows = example_losses(p, x, y)
+                return rows.mean(), rows
+
+            (loss, rows), grads = jax.value_and_grad(mean_and_rows, has_aux=True)(params)
+
+            def example_loss_fn(p, indices=None):
+                if indices is None:
+                    return example_losses(p, x, y)
+                return example_losses(p, x[indices], y[indices])
+
+            updates, state = tx.update(
+                grads, state, params, example_loss_fn=example_loss_fn, example_losses=rows
+            )
         else:
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
             if kind == "plain":
@@ -90,12 +125,23 @@ def make_step(model, tx, kind, num_microbatches=8):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def compile_step(jitted, params, state, x, y):
+    """The compiled step, its compile time (lower + compile) and XLA's temporary bytes."""
+    start = time.perf_counter()
+    compiled = jitted.lower(params, state, x, y).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp = None if memory is None else int(memory.temp_size_in_bytes)
+    return compiled, seconds, temp
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
+    parser.add_argument("--window", type=int, default=10, help="consecutive steps per window")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizer names")
     parser.add_argument("--out", default="results/benchmarks/steps.json")
     args = parser.parse_args(argv)
@@ -109,18 +155,24 @@ def main(argv: list[str] | None = None) -> dict:
     table = optimizers(lr=0.05, rho=0.05)
     if args.only:
         table = {k: v for k, v in table.items() if k in set(args.only) | {"sgd", "sam"}}
-    runs = {}
+    runs, compile_seconds, temp_bytes = {}, {}, {}
     for name, (tx, kind) in table.items():
         params = jax.tree.map(jnp.copy, params0)
-        runs[name] = [make_step(model, tx, kind), params, tx.init(params)]
+        # Copies: a state may share one buffer between leaves, which donation refuses.
+        state = jax.tree.map(jnp.copy, tx.init(params))
+        step, compile_seconds[name], temp_bytes[name] = compile_step(
+            make_step(model, tx, kind), params, state, x, y
+        )
+        runs[name] = [step, params, state]
 
     def call(name):
         step, params, state = runs[name]
         start = time.perf_counter()
-        params, state, loss = step(params, state, x, y)
+        for _ in range(args.window):
+            params, state, loss = step(params, state, x, y)
         jax.block_until_ready((params, state, loss))
         runs[name][1:] = [params, state]
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / args.window
 
     for _ in range(args.warmup):
         for name in runs:
@@ -137,16 +189,27 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "window": args.window,
         "median_seconds": medians,
+        "compile_seconds": compile_seconds,
+        "temp_bytes": temp_bytes,
         "ratio_to_sgd": {n: medians[n] / medians["sgd"] for n in medians},
         "ratio_to_sam": {n: medians[n] / medians["sam"] for n in medians},
     }
-    print(f"device: {result['device']}, batch {args.batch_size}, {args.repeats} interleaved rounds")
-    print(f"{'optimizer':22s} {'median ms':>10s} {'/ sgd':>7s} {'/ sam':>7s}")
+    print(
+        f"device: {result['device']}, batch {args.batch_size}, {args.repeats} interleaved "
+        f"rounds of {args.window}-step windows"
+    )
+    print(
+        f"{'optimizer':22s} {'ms/step':>9s} {'/ sgd':>7s} {'/ sam':>7s} {'compile s':>10s} "
+        f"{'temp MiB':>9s}"
+    )
     for name in medians:
+        temp = temp_bytes[name]
         print(
-            f"{name:22s} {1e3 * medians[name]:10.2f} {result['ratio_to_sgd'][name]:7.3f} "
-            f"{result['ratio_to_sam'][name]:7.3f}"
+            f"{name:22s} {1e3 * medians[name]:9.2f} {result['ratio_to_sgd'][name]:7.3f} "
+            f"{result['ratio_to_sam'][name]:7.3f} {compile_seconds[name]:10.2f} "
+            f"{'n/a' if temp is None else f'{temp / 2**20:.2f}':>9s}"
         )
     if "optax_contrib_sam" in medians:
         ratio = medians["sam"] / medians["optax_contrib_sam"]

@@ -177,8 +177,9 @@ def adaptive_policy(c: ScalarOrSchedule = 0.0, delta: float = 0.9) -> SecondGrad
 
     def init(params):
         del params
-        zero = jnp.zeros([], jnp.float32)
-        return AdaptivePolicyState(zero, zero, jnp.zeros([], jnp.bool_))
+        # Distinct arrays: a state sharing one buffer twice cannot be donated to a jitted step.
+        zeros = jnp.zeros([2], jnp.float32)
+        return AdaptivePolicyState(zeros[0], zeros[1], jnp.zeros([], jnp.bool_))
 
     def decide(x, state, count):
         x = x.astype(jnp.float32)

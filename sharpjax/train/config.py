@@ -43,6 +43,13 @@ OPTIMIZERS = (
     "gsam",
     "msam",
     "noise_resistant_sam",
+    # efficient variants (sharpjax.efficient), each with its paper's defaults; esam is its
+    # stochastic weight perturbation only (the loop passes no per-example losses).
+    "looksam",
+    "random_sam",
+    "ae_sam",
+    "saner_random_sam",
+    "esam",
 )
 BASE_OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -60,9 +67,21 @@ DEFAULT_RHO = {
     "gsam": 0.05,
     "msam": 0.05,
     "noise_resistant_sam": 0.05,
+    "looksam": 0.05,
+    "random_sam": 0.05,
+    "ae_sam": 0.05,
+    "saner_random_sam": 0.1,
+    "esam": 0.05,
 }
 # SANER's multiplier on masked elements (paper: 0.5); GSAM's α (paper: 0.01 to 0.3).
-DEFAULT_ALPHA = {"saner": 0.5, "saner_vasso": 0.5, "saner_asam": 0.5, "gsam": 0.1}
+DEFAULT_ALPHA = {
+    "saner": 0.5,
+    "saner_vasso": 0.5,
+    "saner_asam": 0.5,
+    "saner_random_sam": 0.5,
+    "gsam": 0.1,
+    "looksam": 0.7,
+}
 
 # Fields that do not change the training trajectory: they may differ when a run is resumed.
 RUNTIME_FIELDS = (
@@ -98,7 +117,8 @@ class TrainConfig:
       base_optimizer: ``"sgd"`` or ``"adamw"``, the optimizer after the sharpness-aware
         transformation (``optimizer="adamw"`` implies ``"adamw"``).
       rho: perturbation radius; None: the method's paper default (:data:`DEFAULT_RHO`).
-      alpha: SANER's multiplier on masked elements or GSAM's α; None: :data:`DEFAULT_ALPHA`.
+      alpha: SANER's multiplier on masked elements, GSAM's α or LookSAM's α; None:
+        :data:`DEFAULT_ALPHA`.
       theta: VaSSO's θ (also saner_vasso). eta: ASAM's η (also saner_asam).
       mu: noise-resistant SAM's integral gain.
       num_microbatches: m of mSAM; must divide ``batch_size``.
@@ -664,6 +684,22 @@ def make_optimizer(
         sharpness = sharpjax.msam(rho, num_microbatches=m)
     elif name == "noise_resistant_sam":
         sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu, **micro)
+    elif name == "looksam":  # alpha: LookSAM's α
+        sharpness = sharpjax.looksam(rho, alpha=alpha, **micro)
+    elif name == "random_sam":
+        sharpness = sharpjax.random_sam(rho, seed=config.seed, **micro)
+    elif name == "saner_random_sam":
+        combination = sharpjax.saner_combination(alpha)
+        sharpness = sharpjax.random_sam(rho, seed=config.seed, combination=combination, **micro)
+    elif name == "ae_sam":  # the paper's threshold schedule over the whole run
+        sharpness = sharpjax.ae_sam(rho, total_steps=config.epochs * steps_per_epoch, **micro)
+    elif name == "esam" and micro:
+        raise ValueError(
+            "optimizer='esam' takes no micro-batches (num_microbatches > 1 or several "
+            "perturbations per step); use perturbation_mode='synced' on several devices."
+        )
+    elif name == "esam":
+        sharpness = sharpjax.esam(rho, gamma=1.0, seed=config.seed)
     else:  # pragma: no cover - validate() rejects it first
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}.")
 
