@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
+import sharpjax
 from sharpjax import sharpness
 from sharpjax.data import iterate_batches, load_dataset
 from sharpjax.models import get_model
@@ -245,6 +246,63 @@ trace_min = sum(float(jnp.sum(d)) for d in jax.tree.leaves(diag_min))
 print(f"max |Δlogits| = {gap:.1e}")
 print(f"trace at the minimiser:      {trace_min:.4f}")
 print(f"node-wise Minimum Sharpness: {float(ms_node.value):.4f}")
+
+# %% [markdown]
+# ## GGN, Fisher and per-layer curvature
+#
+# For softmax cross-entropy the generalised Gauss–Newton matrix
+# `G = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i` is the positive semi-definite part of the
+# Hessian; `curvature="ggn"` (or `"fisher"`, the empirical Fisher) computes its products
+# through `logits_fn` without forming `J`. `per_layer=True` gives one result per
+# top-level parameter collection, each the measure of that layer's diagonal block.
+
+# %%
+ce = sharpness.SoftmaxCrossEntropy(logits_fn)
+data = [(x, y)]
+for curvature in ("hessian", "ggn", "fisher"):
+    values = sharpness.top_eigenvalues(
+        ce, params, key, k=3, num_iterations=40, curvature=curvature, batches=data
+    )
+    print(f"{curvature:8s} top 3: {np.round(np.asarray(values), 3)}")
+per_layer = sharpness.top_eigenvalues(loss, params, key, k=1, num_iterations=40, per_layer=True)
+print("per-layer top eigenvalue:", {k: round(float(v[0]), 3) for k, v in per_layer.items()})
+
+# %% [markdown]
+# ## Loss landscapes of SGD and SAM
+#
+# The picture SAM papers show: the same network trained from the same initialisation
+# and data order by SGD and by SAM (ρ = 0.1) on that SGD, sliced along random directions
+# filter-normalised to each network's own weights (Li et al., NeurIPS 2018; biases
+# fixed), drawn from the same key. `experiments/landscapes.py` makes the same figures
+# for the README (`results/landscapes/`).
+
+# %%
+sam_tx = optax.chain(sharpjax.sam(0.1), optax.sgd(0.05, momentum=0.9))
+
+
+@jax.jit
+def sam_step(params, opt_state, xb, yb):
+    grads = jax.grad(batch_loss)(params, xb, yb)
+    grad_fn = lambda p: jax.grad(batch_loss)(p, xb, yb)
+    updates, opt_state = sam_tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+
+sam_params = model.init(jax.random.key(0), x[:1])["params"]
+sam_state = sam_tx.init(sam_params)
+for epoch in range(20):
+    batches = iterate_batches(ds.x_train, ds.y_train, batch_size=128, seed=0, epoch=epoch)
+    for xb, yb in batches:
+        sam_params, sam_state = sam_step(sam_params, sam_state, xb, yb)
+print(f"SAM test acc {accuracy(sam_params, ds.x_test, ds.y_test):.3f}")
+
+nets = {"SGD": params, "SAM": sam_params}
+lkey = jax.random.key(42)
+one = {n: sharpness.loss_landscape(ce, p, lkey, 1, batches=data) for n, p in nets.items()}
+two = {n: sharpness.loss_landscape(ce, p, lkey, 2, batches=data) for n, p in nets.items()}
+sharpness.plot_landscape(one, title="1-D slice (training loss)")
+sharpness.plot_landscape(two, title="2-D slices (training loss)")
+plt.show()
 
 # %% [markdown]
 # ## Summary
