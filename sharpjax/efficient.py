@@ -94,7 +94,8 @@ def every_k_steps(k: int) -> SecondGradientPolicy:
 def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradientPolicy:
     """RST's policy: the second gradient with probability ``p_t`` (a float or a schedule).
 
-    The PRNG key lives in the state (replicated, so every device draws the same number).
+    The PRNG key lives in the state (replicated, so every device draws the same number); step
+    t draws from ``fold_in(key, t)``.
     ``p_t`` is clamped into [0, 1]; p = 1 always takes it, p = 0 never. Reports
     ``probability`` (the ``p_t`` used).
     """
@@ -104,10 +105,12 @@ def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradien
     def decide(sq, raw, count):
         del sq
         p = evaluate(probability, count, 0.0, 1.0)
-        key, draw = jax.random.split(jax.random.wrap_key_data(raw))
+        # One draw per step from (key, count): a chain of splits from key(0) happens to start
+        # with a dozen draws below 0.5, which made RST at its default seed plain SAM early on.
+        draw = jax.random.fold_in(jax.random.wrap_key_data(raw), count)
         # uniform is in [0, 1): p = 1 always takes, p = 0 never.
         take = jax.random.uniform(draw, (), p.dtype) < p
-        return take, jax.random.key_data(key), {"probability": p}
+        return take, raw, {"probability": p}
 
     return SecondGradientPolicy(_raw_key(seed), decide, diagnostics=("probability",))
 

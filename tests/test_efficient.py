@@ -432,3 +432,20 @@ def test_esam_without_example_losses_says_how(setup):
         tx.update(g, tx.init(params), params, grad_fn=lambda p: g)
     with pytest.raises(ValueError, match="exactly one momentum_sam"):
         efficient.momentum_sam_weights(params, tx.init(params))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: efficient.looksam(RHO),
+        lambda: efficient.random_sam(RHO),
+        lambda: efficient.ae_sam(RHO),
+        lambda: efficient.esam(RHO),
+        lambda: efficient.momentum_sam(LR),
+    ],
+)
+def test_fresh_states_can_be_donated(setup, make):
+    """No buffer appears twice in a fresh state (a jitted step donating it would fail)."""
+    params, _ = setup
+    state = make().init(params)
+    jax.block_until_ready(jax.jit(lambda s: s, donate_argnums=0)(state))
