@@ -4,7 +4,9 @@ Reads XLA's own accounting (``jax.jit(step).lower(...).compile().memory_analysis
 figures do not depend on the machine's load: the temporary bytes beyond SGD's step, in copies
 of the parameters, and the compile time (this one does depend on load). The model is a ReLU MLP
 (512-1024-1024-1024-10, 2.6 M params), batch 128, SGD with momentum after the transformation.
-A hand-written SAM step and optax.contrib.sam are the floor to compare with.
+A hand-written SAM step and optax.contrib.sam are the floor to compare with. The cosine
+diagnostic is measured separately (``sam(cosine=True)``): it keeps ``g`` alive through the
+second pass.
 
     python experiments/bench_memory.py
 """
@@ -82,10 +84,13 @@ def main() -> None:
     rows["optax.contrib.sam (opaque)"] = (contrib_step, contrib)
     for name, make in [
         ("sharpjax.sam", lambda: sharpjax.sam(0.05)),
+        ("sharpjax.sam(cosine=True)", lambda: sharpjax.sam(0.05, cosine=True)),
         ("sharpjax.asam", lambda: sharpjax.asam(0.5)),
         ("sharpjax.vasso", lambda: sharpjax.vasso(0.05)),
         ("sharpjax.saner", lambda: sharpjax.saner(0.05)),
         ("sharpjax.gsam", lambda: sharpjax.gsam(0.05)),
+        ("sharpjax.looksam", lambda: sharpjax.looksam(0.05)),
+        ("sharpjax.random_sam", lambda: sharpjax.random_sam(0.05)),
     ]:
         tx = optax.chain(make(), base)
         rows[name] = (two_gradient(tx), tx)

@@ -74,12 +74,15 @@ jax.tree.map(jnp.shape, params0)
 # radius, and we use it for SAM too so that the two differ only in the reweighting.
 # SANER's `α = 0.5` is the paper's value; the paper reaches it by a linear warm-up from
 # `α = 1` (`alpha=sharpjax.saner_warmup(0.5, warmup_steps)`), which this short run skips.
+# `cosine=True` asks SAM to report the cosine between `g` and `g₂`, which we plot below: it
+# keeps `g` in memory through the second pass (one parameter copy), so SAM leaves it out by
+# default; SANER reads `g` anyway and always reports it.
 
 # %%
 rho, lr = 0.1, 0.05
 optimizers = {
     "SGD": optax.sgd(lr, momentum=0.9),
-    "SAM": optax.chain(sharpjax.sam(rho), optax.sgd(lr, momentum=0.9)),
+    "SAM": optax.chain(sharpjax.sam(rho, cosine=True), optax.sgd(lr, momentum=0.9)),
     "SANER": optax.chain(sharpjax.saner(rho, alpha=0.5), optax.sgd(lr, momentum=0.9)),
 }
 

@@ -235,12 +235,15 @@ class CombinationRule:
       skip: ``(g, state, count) -> (out, state, diagnostics)``, the output of a step on which a
         :class:`SecondGradientPolicy` decided not to take ``g₂`` (same diagnostics keys as
         ``combine``); default: the clean gradient ``g``.
+      uses_clean_gradient: whether ``combine`` reads ``g`` (so ``g`` is alive through the second
+        pass anyway and the ``cosine`` diagnostic is free); False for SAM's rule.
     """
 
     init: Callable[[Any], Any]
     combine: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]
     diagnostics: tuple[str, ...] = ()
     skip: Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]] = _keep_gradient
+    uses_clean_gradient: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +280,7 @@ def use_second_gradient() -> CombinationRule:
         del g, count
         return g2, state, {}
 
-    return CombinationRule(_no_state, combine)
+    return CombinationRule(_no_state, combine, uses_clean_gradient=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -308,13 +311,14 @@ class SharpnessAwareState(NamedTuple):
       policy_state: state of the :class:`SecondGradientPolicy` (``()`` without one).
       second_gradients: number of steps that took the second gradient.
       diagnostics: the last step's float32 scalars: ``grad_norm`` (‖g‖), ``perturbation_norm``
-        (‖ε‖), ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂), ``rho``; ``loss``,
+        (‖ε‖), ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂; NaN when not
+        measured, see ``cosine`` of :func:`sharpness_aware`), ``rho``; ``loss``,
         ``perturbed_loss`` (L(w + ε)) and ``sharpness`` (their difference, GSAM's surrogate
         gap), which are NaN unless ``update`` got ``loss=`` and ``value_and_grad_fn=``; those of
         the rules (e.g. SANER's ``masked_fraction``, VaSSO's ``d_norm``); with a policy,
         ``second_gradient`` (1 if this step took g₂) and ``second_gradient_fraction`` (so far).
-        On a skipped step the norms of ε and g₂ and the cosine are 0. Read them from a chained
-        state with :func:`diagnostics`.
+        On a skipped step the norms of ε and g₂ (and a measured cosine) are 0. Read them from a
+        chained state with :func:`diagnostics`.
     """
 
     count: jax.Array
@@ -444,6 +448,7 @@ def sharpness_aware(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The two-gradient transformation: any perturbation rule with any combination rule.
 
@@ -472,6 +477,11 @@ def sharpness_aware(
         the averaged gradient) or ``"grouped"`` (shared within groups of ``group_size``
         consecutive devices). The final gradient is always averaged over ``axis_name``.
       group_size: devices per group in ``"grouped"`` mode; must divide the device count.
+      cosine: whether the diagnostics carry ``cosine``, the cosine between ``g`` and ``g₂``
+        (NaN when not measured). It needs ``g`` alive through the second pass: free when the
+        combination reads ``g`` anyway (SANER, GSAM, LookSAM), one parameter copy of memory
+        otherwise (SAM's rule; measured with ``experiments/bench_memory.py``). Default None:
+        measured exactly when it is free.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes these extra
@@ -519,6 +529,9 @@ def sharpness_aware(
             f"its own; it combines only with perturbation_mode='per_device', got "
             f"{perturbation_mode!r}."
         )
+    if cosine is not None and not isinstance(cosine, bool):
+        raise TypeError(f"cosine must be True, False or None, got {cosine!r}.")
+    measure_cosine = combination.uses_clean_gradient if cosine is None else cosine
     m = num_microbatches
     micro = m is not None
     rule_diagnostics = perturbation.diagnostics + combination.diagnostics
@@ -600,14 +613,17 @@ def sharpness_aware(
                 g2 = _group_mean(g2, axis_name, groups)
             out, c_state, c_diag = combination.combine(g, g2, c_state, count)
             g2_norm = tree_norm(g2)
-            # g lives through the second pass for this (one parameter copy when the combination
-            # does not need g itself): the cosine is what SAM papers plot, so it stays.
-            cosine = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
+            # Reading g here keeps it alive through the second pass (a parameter copy unless
+            # the combination reads g anyway): hence opt-in for SAM's rule.
+            if measure_cosine:
+                cos = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
+            else:
+                cos = jnp.float32(jnp.nan)
             diag = {
                 "grad_norm": grad_norm,
                 "perturbation_norm": eps_norm,
                 "second_grad_norm": g2_norm,
-                "cosine": cosine,
+                "cosine": cos,
                 "perturbed_loss": jnp.nan if loss2 is None else loss2,
                 **p_diag,
                 **c_diag,
@@ -646,7 +662,7 @@ def sharpness_aware(
                 "grad_norm": grad_norm,
                 "perturbation_norm": zero,
                 "second_grad_norm": zero,
-                "cosine": zero,
+                "cosine": zero if measure_cosine else jnp.float32(jnp.nan),
                 "perturbed_loss": jnp.float32(jnp.nan),
                 **{k: zero for k in perturbation.diagnostics},
                 # a rule whose skip reports less (the default skip reports nothing) shows 0

@@ -335,6 +335,7 @@ def random_sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """RST, randomized sharpness-aware training (Zhao, Zhang, Hu 2022, "Randomized
     Sharpness-Aware Training for Boosting Computational Efficiency in Deep Learning").
@@ -354,6 +355,7 @@ def random_sam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
 
@@ -369,6 +371,7 @@ def ae_sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AE-SAM (Jiang, Yang, Zhang, Kwok, ICLR 2023, "An Adaptive Policy to Employ
     Sharpness-Aware Minimization").
@@ -391,6 +394,7 @@ def ae_sam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
 
@@ -413,6 +417,7 @@ def esam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ESAM (Du et al., ICLR 2022, "Efficient Sharpness-aware Minimization for Improved
     Training of Neural Networks").
@@ -441,6 +446,7 @@ def esam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
     def update_fn(

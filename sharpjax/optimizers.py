@@ -13,6 +13,13 @@ float hyperparameters (``rho``, ``alpha``, ``theta``, ``eta``, ``mu``)::
 
     tx = optax.inject_hyperparams(sharpjax.sam)(rho=0.05)
     state.hyperparams["rho"] = 0.1  # takes effect at the next update
+
+The diagnostics' ``cosine`` (between ``g`` and ``g₂``) keeps ``g`` alive through the second
+pass. SANER and GSAM read ``g`` anyway and always report it; the constructors whose output is
+``g₂`` itself (``sam``, ``asam``, ``vasso``, ``msam``, ``noise_resistant_sam`` and the
+efficient ``random_sam``, ``ae_sam``, ``esam``) report it only with ``cosine=True``, at one
+parameter copy of memory, and report NaN otherwise, so that the default step needs no more
+memory than a hand-written SAM step.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ def sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM (Foret et al., ICLR 2021): ``ε = ρ g/‖g‖``, output ``∇L(w + ε)``. Default ρ = 0.05."""
     return sharpness_aware(
@@ -50,6 +58,7 @@ def sam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
 
@@ -61,6 +70,7 @@ def asam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ASAM (Kwon et al., ICML 2021): ``ε = ρ T² g / ‖T g‖``, ``T = |w| + η``.
 
@@ -73,6 +83,7 @@ def asam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
 
@@ -84,6 +95,7 @@ def vasso(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """VaSSO (Li & Giannakis, NeurIPS 2023): variance-suppressed sharpness-aware optimization.
 
@@ -99,6 +111,7 @@ def vasso(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
 
 
@@ -225,6 +238,7 @@ def msam(
     num_microbatches: int = 1,
     *,
     axis_name: str | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """mSAM / m-sharpness (Foret et al. §4; Behdin et al. 2023): SAM with one ε per micro-batch.
 
@@ -248,7 +262,7 @@ def msam(
     (the mean over micro-batches), so the base optimizer chained after it sees a normal gradient.
     Under ``optax.inject_hyperparams`` pass ``static_args=("num_microbatches",)``.
     """
-    return sam(rho, num_microbatches=num_microbatches, axis_name=axis_name)
+    return sam(rho, num_microbatches=num_microbatches, axis_name=axis_name, cosine=cosine)
 
 
 def noise_resistant_sam(
@@ -259,6 +273,7 @@ def noise_resistant_sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Noise-resistant SAM (Su, Jin & Wang, Neural Networks 181, 2024), in one call.
 
@@ -273,5 +288,6 @@ def noise_resistant_sam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )
     return optax.chain(sharpness, noise_resistant(mu))

@@ -398,3 +398,55 @@ def test_vasso_on_msam_keeps_one_d_per_microbatch(setup):
 def test_microbatches_need_per_device_mode():
     with pytest.raises(ValueError, match="per_device"):
         sharpjax.sam(num_microbatches=2, axis_name="batch", perturbation_mode="synced")
+
+
+# ---------------------------------------------------------------------------------------
+# The cosine diagnostic: opt-in where it costs a parameter copy, free where g is alive anyway.
+# ---------------------------------------------------------------------------------------
+
+
+def test_cosine_is_opt_in_for_sam_and_free_for_saner(setup):
+    params, batches = setup
+    batch = batches[0]
+    g = grads_at(params, batch)
+    w, unravel = ravel_pytree(params)
+    gf = ravel_pytree(g)[0]
+    g2 = ravel_pytree(grads_at(unravel(w + RHO * gf / jnp.linalg.norm(gf)), batch))[0]
+    expected = float(gf @ g2 / (jnp.linalg.norm(gf) * jnp.linalg.norm(g2)))
+
+    def step(tx):
+        state = tx.init(params)
+        updates, state = tx.update(g, state, params, grad_fn=lambda q: grads_at(q, batch))
+        return ravel_pytree(updates)[0], sharpjax.diagnostics(state)
+
+    plain_updates, plain = step(sharpjax.sam(RHO))
+    measured_updates, measured = step(sharpjax.sam(RHO, cosine=True))
+    assert np.isnan(plain["cosine"])
+    np.testing.assert_allclose(measured["cosine"], expected, rtol=1e-5)
+    # Measuring changes nothing else: both output g₂ (float32, one gradient: rtol 1e-5).
+    np.testing.assert_allclose(plain_updates, measured_updates, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(plain["second_grad_norm"], measured["second_grad_norm"], rtol=1e-5)
+    # SANER reads g anyway: its cosine is reported by default and is SAM's (same g₂).
+    _, saner = step(sharpjax.saner(RHO, alpha=0.5))
+    np.testing.assert_allclose(saner["cosine"], expected, rtol=1e-5)
+    # ... unless the core is told not to.
+    off = sharpjax.core.sharpness_aware(
+        sharpjax.sam_perturbation(), sharpjax.saner_combination(0.5), rho=RHO, cosine=False
+    )
+    assert np.isnan(step(off)[1]["cosine"])
+    with pytest.raises(TypeError, match="cosine"):
+        sharpjax.core.sharpness_aware(sharpjax.sam_perturbation(), cosine="yes")
+
+
+def test_trainer_measure_cosine_is_passed_to_the_optimizer(setup):
+    from sharpjax.train import TrainConfig, make_optimizer
+
+    params, batches = setup
+    batch = batches[0]
+    for measure in (True, False):
+        config = TrainConfig(optimizer="sam", measure_cosine=measure)
+        tx = make_optimizer(config, steps_per_epoch=10)
+        state = tx.init(params)
+        g = grads_at(params, batch)
+        _, state = tx.update(g, state, params, grad_fn=lambda q: grads_at(q, batch))
+        assert np.isnan(sharpjax.diagnostics(state)["cosine"]) != measure

@@ -285,7 +285,7 @@ def test_bad_micro_steps_and_mesh_axis():
 def test_sharded_step_on_a_mesh_of_one_equals_full_batch_sam():
     # The GSPMD step (the trainer's) with synced mode is one device's SAM on the global batch.
     params, batches = init_params(), make_batches(5, 32)
-    tx = optax.chain(sharpjax.sam(RHO), sgd())
+    tx = optax.chain(sharpjax.sam(RHO, cosine=True), sgd())
     mesh = parallel.make_mesh(1)
     step = parallel.make_sharded_train_step(parallel.stateless(mlp_loss), tx, mesh)
     state = parallel.replicate_on(mesh, TrainState(params, {}, tx.init(params)))

@@ -121,6 +121,9 @@ class TrainConfig:
         :data:`DEFAULT_ALPHA`.
       theta: VaSSO's θ (also saner_vasso). eta: ASAM's η (also saner_asam).
       mu: noise-resistant SAM's integral gain.
+      measure_cosine: report the cosine between g and g₂ for the methods whose output is g₂
+        (SAM, ASAM, VaSSO, mSAM, RST, AE-SAM, ESAM; SANER, GSAM and LookSAM always report
+        it); it costs one parameter copy of device memory per step.
       num_microbatches: m of mSAM; must divide ``batch_size``.
       saner_warmup_epochs: SANER's α goes linearly from 1 to ``alpha`` over this many epochs
         (paper: 50 of 200); 0 uses ``alpha`` from the start.
@@ -186,6 +189,7 @@ class TrainConfig:
     theta: float = 0.9
     eta: float = 0.01
     mu: float = 0.01
+    measure_cosine: bool = True
     num_microbatches: int = 4
     saner_warmup_epochs: int = 0
     learning_rate: float = 0.1
@@ -656,17 +660,18 @@ def make_optimizer(
     if m is None:
         m = config.num_microbatches if name == "msam" else 1
     micro = {"num_microbatches": m} if m > 1 else {}
+    cosine = config.measure_cosine
 
     if name in ("sgd", "adamw"):
         sharpness = None
     elif name == "sam" and micro:  # SAM with one ε per micro-batch is mSAM
-        sharpness = sharpjax.msam(rho, num_microbatches=m)
+        sharpness = sharpjax.msam(rho, num_microbatches=m, cosine=cosine)
     elif name == "sam":
-        sharpness = sharpjax.sam(rho)
+        sharpness = sharpjax.sam(rho, cosine=cosine)
     elif name == "asam":
-        sharpness = sharpjax.asam(rho, eta=config.eta, **micro)
+        sharpness = sharpjax.asam(rho, eta=config.eta, **micro, cosine=cosine)
     elif name == "vasso":
-        sharpness = sharpjax.vasso(rho, theta=config.theta, **micro)
+        sharpness = sharpjax.vasso(rho, theta=config.theta, **micro, cosine=cosine)
     elif name == "saner":
         sharpness = sharpjax.saner(rho, alpha, **micro)
     elif name == "saner_vasso":
@@ -681,25 +686,29 @@ def make_optimizer(
         peak = config.learning_rate
         sharpness = sharpjax.gsam(lambda count: rho * schedule(count) / peak, alpha, **micro)
     elif name == "msam":
-        sharpness = sharpjax.msam(rho, num_microbatches=m)
+        sharpness = sharpjax.msam(rho, num_microbatches=m, cosine=cosine)
     elif name == "noise_resistant_sam":
-        sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu, **micro)
+        sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu, **micro, cosine=cosine)
     elif name == "looksam":  # alpha: LookSAM's α
         sharpness = sharpjax.looksam(rho, alpha=alpha, **micro)
     elif name == "random_sam":
-        sharpness = sharpjax.random_sam(rho, seed=config.seed, **micro)
+        sharpness = sharpjax.random_sam(rho, seed=config.seed, **micro, cosine=cosine)
     elif name == "saner_random_sam":
         combination = sharpjax.saner_combination(alpha)
-        sharpness = sharpjax.random_sam(rho, seed=config.seed, combination=combination, **micro)
+        sharpness = sharpjax.random_sam(
+            rho, seed=config.seed, combination=combination, **micro, cosine=cosine
+        )
     elif name == "ae_sam":  # the paper's threshold schedule over the whole run
-        sharpness = sharpjax.ae_sam(rho, total_steps=config.epochs * steps_per_epoch, **micro)
+        sharpness = sharpjax.ae_sam(
+            rho, total_steps=config.epochs * steps_per_epoch, **micro, cosine=cosine
+        )
     elif name == "esam" and micro:
         raise ValueError(
             "optimizer='esam' takes no micro-batches (num_microbatches > 1 or several "
             "perturbations per step); use perturbation_mode='synced' on several devices."
         )
     elif name == "esam":
-        sharpness = sharpjax.esam(rho, gamma=1.0, seed=config.seed)
+        sharpness = sharpjax.esam(rho, gamma=1.0, seed=config.seed, cosine=cosine)
     else:  # pragma: no cover - validate() rejects it first
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}.")
 
