@@ -54,6 +54,7 @@ ScalarOrSchedule = float | jax.Array | Schedule
 NORM_EPS = 1e-12
 
 PERTURBATION_MODES = ("per_device", "synced", "grouped")
+MICROBATCH_EXECUTIONS = ("sequential", "parallel")
 
 # The name of the micro-batch axis of m-sharpness (a vmap axis inside the update).
 MICROBATCH_AXIS = "sharpjax_microbatch"
@@ -449,6 +450,7 @@ def sharpness_aware(
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
     cosine: bool | None = None,
+    microbatch_execution: str = "sequential",
 ) -> optax.GradientTransformationExtraArgs:
     """The two-gradient transformation: any perturbation rule with any combination rule.
 
@@ -471,6 +473,13 @@ def sharpness_aware(
         returns the gradient on micro-batch ``j`` (an int32 scalar, possibly traced), each
         micro-batch gets its own ε and rule state, and the output is the mean over
         micro-batches (the params' shape). With ``axis_name``, only ``"per_device"`` mode.
+      microbatch_execution: how the m second passes run. ``"sequential"`` (default): one
+        after another under ``lax.scan``, summing the outputs: the memory of one micro-batch
+        and a compile time that does not grow with m. ``"parallel"``: all at once under
+        ``jax.vmap`` (m perturbed copies of the params and m second gradients alive at once);
+        when the micro-batches are sharded over devices (the trainer's per-device mode under
+        GSPMD) each device runs its own, where a sequential scan would gather every
+        micro-batch onto every device. Same result either way.
       axis_name: data-parallel axis (pmap / shard_map); None on one device.
       perturbation_mode: with ``axis_name``: ``"per_device"`` (each device perturbs with its
         own gradient, the original SAM), ``"synced"`` (all devices share the perturbation of
@@ -532,6 +541,11 @@ def sharpness_aware(
     if cosine is not None and not isinstance(cosine, bool):
         raise TypeError(f"cosine must be True, False or None, got {cosine!r}.")
     measure_cosine = combination.uses_clean_gradient if cosine is None else cosine
+    if microbatch_execution not in MICROBATCH_EXECUTIONS:
+        raise ValueError(
+            f"microbatch_execution must be one of {MICROBATCH_EXECUTIONS}, got "
+            f"{microbatch_execution!r}."
+        )
     m = num_microbatches
     micro = m is not None
     rule_diagnostics = perturbation.diagnostics + combination.diagnostics
@@ -636,6 +650,11 @@ def sharpness_aware(
             if not micro:
                 return one(g_in, state.perturbation_state, state.combination_state, None)
 
+            inputs = (g_in, state.perturbation_state, state.combination_state, jnp.arange(m))
+            if microbatch_execution == "parallel":
+                out, p_state, c_state, diag, finite = jax.vmap(one)(*inputs)
+                return micro_mean(out), p_state, c_state, micro_mean(diag), jnp.all(finite)
+
             # m-sharpness: one micro-batch after another (lax.scan), summing the outputs, so
             # that the compile time does not grow with m and no m-fold ε or g₂ is ever stored.
             def body(total, inputs):
@@ -644,7 +663,6 @@ def sharpness_aware(
                 return tree_add(total, out), (p_state, c_state, diag, finite)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            inputs = (g_in, state.perturbation_state, state.combination_state, jnp.arange(m))
             total, (p_state, c_state, diag, finite) = jax.lax.scan(body, zeros, inputs)
             out = tree_scale(total, 1.0 / m)
             return out, p_state, c_state, micro_mean(diag), jnp.all(finite)

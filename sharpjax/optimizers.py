@@ -7,7 +7,8 @@ before any base optimizer and needs ``grad_fn`` in ``update``::
     updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
 
 Every constructor takes the data-parallel and micro-batch arguments of
-:func:`sharpjax.core.sharpness_aware` as keywords (``num_microbatches``, ``axis_name``,
+:func:`sharpjax.core.sharpness_aware` as keywords (``num_microbatches``,
+``microbatch_execution``, ``axis_name``,
 ``perturbation_mode``, ``group_size``), and works under ``optax.inject_hyperparams`` for its
 float hyperparameters (``rho``, ``alpha``, ``theta``, ``eta``, ``mu``)::
 
@@ -45,6 +46,7 @@ def sam(
     rho: ScalarOrSchedule = 0.05,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -55,6 +57,7 @@ def sam(
         sam_perturbation(),
         rho=rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
@@ -67,6 +70,7 @@ def asam(
     eta: float = 0.01,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -80,6 +84,7 @@ def asam(
         adaptive_perturbation(eta),
         rho=rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
@@ -92,6 +97,7 @@ def vasso(
     theta: float = 0.9,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -108,6 +114,7 @@ def vasso(
         vasso_perturbation(theta),
         rho=rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
@@ -132,6 +139,7 @@ def saner(
     perturbation: PerturbationRule | None = None,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -156,6 +164,7 @@ def saner(
         saner_combination(alpha),
         rho=rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
@@ -168,6 +177,7 @@ def gsam(
     perturbation: PerturbationRule | None = None,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -185,6 +195,7 @@ def gsam(
         gsam_combination(alpha),
         rho=rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
@@ -239,6 +250,7 @@ def msam(
     *,
     axis_name: str | None = None,
     cosine: bool = False,
+    microbatch_execution: str = "sequential",
 ) -> optax.GradientTransformationExtraArgs:
     """mSAM / m-sharpness (Foret et al. §4; Behdin et al. 2023): SAM with one ε per micro-batch.
 
@@ -254,15 +266,22 @@ def msam(
       their cost is one full-batch gradient.
     * ``grad_fn(params, j)``: the gradient on micro-batch ``j``, an int32 scalar that may be
       traced (index with ``jax.tree.map(lambda a: a[j], microbatches)``). It is called once
-      per micro-batch, one after another under ``lax.map``, so the step compiles in a time
-      that does not grow with m.
+      per micro-batch, one after another under ``lax.scan``, so the step compiles in a time
+      that does not grow with m; ``microbatch_execution="parallel"`` runs them all at once
+      under ``jax.vmap`` instead (see :func:`sharpjax.core.sharpness_aware`).
 
     :func:`microbatch_value_and_grad` builds both from ``loss_fn(params, batch)``.
     Two full-batch gradient evaluations in all, like SAM. The output has the params' shape
     (the mean over micro-batches), so the base optimizer chained after it sees a normal gradient.
     Under ``optax.inject_hyperparams`` pass ``static_args=("num_microbatches",)``.
     """
-    return sam(rho, num_microbatches=num_microbatches, axis_name=axis_name, cosine=cosine)
+    return sam(
+        rho,
+        num_microbatches=num_microbatches,
+        axis_name=axis_name,
+        cosine=cosine,
+        microbatch_execution=microbatch_execution,
+    )
 
 
 def noise_resistant_sam(
@@ -270,6 +289,7 @@ def noise_resistant_sam(
     mu: float = 0.01,
     *,
     num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
@@ -285,6 +305,7 @@ def noise_resistant_sam(
     sharpness = sam(
         rho,
         num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,

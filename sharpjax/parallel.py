@@ -932,12 +932,11 @@ def make_sharded_train_step(
     *without* ``axis_name``, with ``num_microbatches`` = that count when it is > 1 (e.g.
     ``sharpjax.msam(rho, num_microbatches=num_devices)``).
 
-    Cost of the per-device/grouped modes here: the clean pass is a vmap over the micro-batch
-    axis, which lines up with the mesh and runs in parallel; the second passes are whatever
-    the core runs (today a ``lax.map`` over micro-batches), and a sequential map over a
-    sharded axis is not split over the devices by GSPMD, so on N real devices the second pass
-    may run each micro-batch replicated. Synced mode has no such cost. Measure with
-    ``experiments/bench_trainer.py --section gpu`` before relying on per-device speed.
+    Per-device and grouped modes run their micro-batches' second passes in parallel when
+    ``tx`` is built with ``microbatch_execution="parallel"`` (the trainer does): a vmap over
+    the micro-batch axis, which GSPMD splits over the devices, so each device computes its
+    own. With the default ``"sequential"`` (a ``lax.scan``) the program gathers every
+    micro-batch onto every device and runs them one after another: correct, N times slower.
 
     Returns:
       ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``, jitted; ``state``

@@ -343,11 +343,16 @@ def run_micro(tx, params, batches, m):
     return np.stack(trajectory), state
 
 
-def test_saner_on_msam_equals_its_equation(setup):
+EXECUTIONS = ("sequential", "parallel")
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_saner_on_msam_equals_its_equation(setup, execution):
     params, batches = setup
     m, alpha = 4, 0.5
+    saner = sharpjax.saner(RHO, alpha, num_microbatches=m, microbatch_execution=execution)
     got, state = run_micro(
-        optax.chain(sharpjax.saner(RHO, alpha, num_microbatches=m), optax.sgd(LR)),
+        optax.chain(saner, optax.sgd(LR)),
         params,
         batches[:3],
         m,
@@ -372,11 +377,13 @@ def test_saner_on_msam_equals_its_equation(setup):
     )
 
 
-def test_vasso_on_msam_keeps_one_d_per_microbatch(setup):
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_vasso_on_msam_keeps_one_d_per_microbatch(setup, execution):
     params, batches = setup
     m, theta = 2, 0.4
+    vasso = sharpjax.vasso(RHO, theta, num_microbatches=m, microbatch_execution=execution)
     got, _ = run_micro(
-        optax.chain(sharpjax.vasso(RHO, theta, num_microbatches=m), optax.sgd(LR)),
+        optax.chain(vasso, optax.sgd(LR)),
         params,
         batches[:3],
         m,
@@ -398,6 +405,8 @@ def test_vasso_on_msam_keeps_one_d_per_microbatch(setup):
 def test_microbatches_need_per_device_mode():
     with pytest.raises(ValueError, match="per_device"):
         sharpjax.sam(num_microbatches=2, axis_name="batch", perturbation_mode="synced")
+    with pytest.raises(ValueError, match="microbatch_execution"):
+        sharpjax.sam(num_microbatches=2, microbatch_execution="vmap")
 
 
 # ---------------------------------------------------------------------------------------

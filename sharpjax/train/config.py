@@ -622,7 +622,11 @@ def perturbation_microbatches(config: TrainConfig, num_devices: int) -> int:
 
 
 def make_optimizer(
-    config: TrainConfig, steps_per_epoch: int, *, num_microbatches: int | None = None
+    config: TrainConfig,
+    steps_per_epoch: int,
+    *,
+    num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
 ) -> optax.GradientTransformationExtraArgs:
     """The optax chain of a config: sharpness-aware transformation, weight decay, base optimizer.
 
@@ -645,7 +649,9 @@ def make_optimizer(
     (:func:`perturbation_microbatches`; default: ``config.num_microbatches`` for ``msam``, else
     1). When it is > 1 the sharpness-aware transformation is built with it, so every method
     has its m-sharpness form (per-device mode on N devices is m = N); ``sam`` then is
-    ``sharpjax.msam``, which is SAM with one ε per micro-batch.
+    ``sharpjax.msam``, which is SAM with one ε per micro-batch. ``microbatch_execution``:
+    how their second passes run (:func:`sharpjax.core.sharpness_aware`); the trainer asks for
+    ``"parallel"`` on a mesh of several devices, so that each device runs its own.
     """
     if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}.")
@@ -659,13 +665,15 @@ def make_optimizer(
     m = num_microbatches
     if m is None:
         m = config.num_microbatches if name == "msam" else 1
-    micro = {"num_microbatches": m} if m > 1 else {}
+    micro: dict[str, Any] = {}
+    if m > 1:
+        micro = {"num_microbatches": m, "microbatch_execution": microbatch_execution}
     cosine = config.measure_cosine
 
     if name in ("sgd", "adamw"):
         sharpness = None
     elif name == "sam" and micro:  # SAM with one ε per micro-batch is mSAM
-        sharpness = sharpjax.msam(rho, num_microbatches=m, cosine=cosine)
+        sharpness = sharpjax.msam(rho, **micro, cosine=cosine)
     elif name == "sam":
         sharpness = sharpjax.sam(rho, cosine=cosine)
     elif name == "asam":
@@ -686,7 +694,7 @@ def make_optimizer(
         peak = config.learning_rate
         sharpness = sharpjax.gsam(lambda count: rho * schedule(count) / peak, alpha, **micro)
     elif name == "msam":
-        sharpness = sharpjax.msam(rho, num_microbatches=m, cosine=cosine)
+        sharpness = sharpjax.msam(rho, **micro, cosine=cosine)
     elif name == "noise_resistant_sam":
         sharpness = sharpjax.noise_resistant_sam(rho, mu=config.mu, **micro, cosine=cosine)
     elif name == "looksam":  # alpha: LookSAM's α

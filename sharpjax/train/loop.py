@@ -295,7 +295,12 @@ def compiled_functions(
 
     def build():
         m = perturbation_microbatches(config, mesh.devices.size)
-        tx = make_optimizer(config, steps_per_epoch, num_microbatches=m)
+        # On several devices the micro-batches are sharded over the mesh: a vmap lets GSPMD
+        # run each device's second pass on that device (a scan would gather them everywhere).
+        execution = "parallel" if mesh.devices.size > 1 else "sequential"
+        tx = make_optimizer(
+            config, steps_per_epoch, num_microbatches=m, microbatch_execution=execution
+        )
         return tx, make_train_step(model, tx, config, mesh), make_predict(model, mesh)
 
     return _cached(key, build)
