@@ -39,6 +39,13 @@ def loss(params, x, y):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=128, help="examples per step (128)")
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        nargs="*",
+        default=[8, 32],
+        help="mSAM micro-batch counts, each with sequential and parallel execution (8 32)",
+    )
     args = parser.parse_args()
     key = jax.random.key(0)
     params = {
@@ -94,6 +101,21 @@ def main() -> None:
     ]:
         tx = optax.chain(make(), base)
         rows[name] = (two_gradient(tx), tx)
+
+    def micro_step(tx, m):
+        def step(p, s, x, y):
+            _, g, grad_fn = sharpjax.microbatch_value_and_grad(
+                lambda q, b: loss(q, *b), p, (x, y), m
+            )
+            u, s = tx.update(g, s, p, grad_fn=grad_fn)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    for m in args.microbatches:
+        for execution in ("sequential", "parallel"):
+            tx = optax.chain(sharpjax.msam(0.05, m, microbatch_execution=execution), base)
+            rows[f"sharpjax.msam m={m} {execution}"] = (micro_step(tx, m), tx)
 
     reference = None
     print(f"{'optimizer':28s} {'temp beyond SGD (param copies)':>32s} {'compile (s)':>12s}")
