@@ -37,7 +37,8 @@ Outputs (``--out``, default ``runs/label_noise/<preset>/``, ignored by git; the 
 results are the stored runs ``--out results/label_noise`` and ``results/label_noise/main``):
 ``config.json``, ``runs/*.json`` (one per run, full per-epoch history), ``summary.json`` (every
 run with its history; enough for ``--report``), ``table.md``, ``test_accuracy.png``,
-``memorization.png``, ``accuracy_vs_noise.png``, ``masked_fraction.png``.
+``memorization.png``, ``accuracy_vs_noise.png``, ``masked_fraction.png``, ``sharpness.png``
+(the SAM-family's own ρ-sharpness of each training batch, per epoch).
 
     python experiments/label_noise.py --preset main
     python experiments/label_noise.py --preset default --out results/label_noise
@@ -79,6 +80,7 @@ HISTORY_KEYS = (
     "test_accuracy",
     "masked_fraction",
     "alpha",
+    "sharpness",
 )
 
 DEFAULT: dict[str, Any] = {
@@ -482,7 +484,9 @@ def _setup(config: dict[str, Any]) -> str:
     return f"{config['dataset']}, {config['model']}, {config['epochs']} epochs"
 
 
-def _per_setting_plot(config, runs, key, settings, metric, path) -> str | None:
+def _per_setting_plot(
+    config, runs, key, settings, metric, path, percent=True, ylabel=None
+) -> str | None:
     if not settings:
         return None
     fig, axes = common.subplot_grid(len(settings))
@@ -495,8 +499,11 @@ def _per_setting_plot(config, runs, key, settings, metric, path) -> str | None:
             common.plot_band(ax, epochs, curves, label=NAMES.get(opt, opt))
         ax.set_title(f"label noise: {noise_label(setting)}", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{metric} (%)")
-        common.percent_axis(ax)
+        if percent:
+            ax.set_ylabel(f"{metric} (%)")
+            common.percent_axis(ax)
+        else:
+            ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     common.figure_legend(fig, axes, note=common.band_note(len(config["seeds"])))
     return common.save_figure(fig, path, title=f"{metric[0].upper()}{metric[1:]}: {_setup(config)}")
@@ -528,6 +535,24 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                 os.path.join(out, "memorization.png"),
             ),
         ]
+        # ρ-sharpness L(w + ε) − L(w) on each training batch, averaged over the epoch, for the
+        # methods at the same constant ρ (ASAM's ε lives on another scale, GSAM's ρ follows the
+        # learning rate, SGD has no ε).
+        other = ("sgd", "adamw", "asam", "saner_asam", "gsam")
+        same_rho = [o for o in optimizer_rows(config) if o not in other]
+        if same_rho:
+            paths.append(
+                _per_setting_plot(
+                    {**config, "optimizers": same_rho, "extra_optimizers": []},
+                    runs,
+                    "sharpness",
+                    settings,
+                    f"sharpness L(w + ε) − L(w), ρ = {config['rho']}",
+                    os.path.join(out, "sharpness.png"),
+                    percent=False,
+                    ylabel="sharpness of the training batch",
+                )
+            )
         saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
         if saner:
             paths.append(

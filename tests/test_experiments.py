@@ -183,6 +183,7 @@ def test_label_noise_tiny(tmp_path):
         "memorization.png",
         "masked_fraction.png",
         "accuracy_vs_noise.png",
+        "sharpness.png",
     }
 
     # --report redraws from summary.json alone: the same table, the same plots, no training
