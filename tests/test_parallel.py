@@ -38,7 +38,11 @@ from tests.multidevice.common import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 2e-6  # float32: the parallel sums are reordered, nothing else differs
+# float32: the parallel sums are reordered, nothing else differs. A gradient sums ≲ 45
+# terms (32 examples, 6 + 8 + 3 units): two orders differ by ≲ 45 eps of its scale (≲ 1);
+# 5 heavy-ball steps at lr 0.1 weigh that by lr Σ (1 − μ^k)/(1 − μ) ≈ 1.3, ×3 for the
+# dynamics: ≲ 2e-5 (observed ≤ 2.4e-7). The modes that must differ do by ≥ DIFFERENT.
+TOL = 2e-5
 LR_PLAIN = 0.1
 DIFFERENT = 1e-3  # what "gives different parameters" means here
 SUBPROCESS_TIMEOUT_S = 240
@@ -75,7 +79,9 @@ def eight(tmp_path_factory) -> dict:
 def test_synced_mode_equals_single_device_full_batch_sam(eight):
     # 5 steps, momentum SGD; every device holds the same params after each step.
     assert eight["pmap_synced_vs_full_batch"] < TOL
-    assert eight["pmap_replica_spread"] == 0.0
+    # Each replica applies the all-reduced gradient with the same program; XLA does not
+    # promise that every participant of an all-reduce gets the same bits, so: rounding-equal.
+    assert eight["pmap_replica_spread"] < TOL
 
 
 def test_per_device_mode_equals_msam_with_one_microbatch_per_device(eight):
@@ -197,10 +203,13 @@ def test_two_processes_train_like_one_device(tmp_path):
         "vasso_per_device": per_device_equations(params, batches, 4, "vasso"),
     }
     for name, reference in want.items():
-        np.testing.assert_array_equal(results[0][name], results[1][name])
+        # Replicated params, but each process runs its own compiled program: XLA promises
+        # no bit-identity across processes, so they agree to rounding, like the reference.
+        np.testing.assert_allclose(results[0][name], results[1][name], atol=TOL, rtol=0)
         np.testing.assert_allclose(results[0][name], reference, atol=TOL, rtol=0, err_msg=name)
     loss0 = float(mlp_loss(params, batches[0]))
-    np.testing.assert_allclose(results[0]["sam_synced_loss"][0], loss0, rtol=1e-6)
+    # A mean of 16 cross-entropies of a 2-layer MLP (≲ 30 accumulated ops): ≲ 30 eps.
+    np.testing.assert_allclose(results[0]["sam_synced_loss"][0], loss0, rtol=5e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -212,8 +221,11 @@ def test_accumulated_grad_fn_is_the_full_batch_gradient():
     params, batch = init_params(), make_batches(1, 32)[0]
     want = jax.grad(mlp_loss)(params, batch)
     got = parallel.accumulated_grad_fn(parallel.stateless(mlp_loss), None, batch, 4)(params)
+    # 32 per-example gradients summed in 4 chunks of 8 instead of at once: the two sums
+    # differ by ≲ 32 eps × the per-example gradients' scale (≲ 1), however much they cancel.
+    atol = 32 * float(np.finfo(np.float32).eps)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-7, rtol=1e-6)
+        np.testing.assert_allclose(g, w, atol=atol, rtol=1e-6)
 
 
 def test_gradient_accumulation_equals_full_batch_sam():
@@ -310,12 +322,14 @@ def test_disturbances_are_the_equations():
     _, _, k_noise1, _, _ = jax.random.split(key, 5)
     g = parallel.add_normal(jax.grad(mlp_loss)(params, batch), k_noise1, 0.1)
     want = jax.tree.map(lambda w, d: w - LR_PLAIN * d + 0.01, params, g)
+    # One step, jitted vs eager: params (≲ 1) rounded once more or less (≲ 1e-7), plus
+    # LR · (16-example gradient sums reordered, ≲ 16 eps) ≲ 2e-7; noise or bias is ≥ 1e-3.
     for a, b in zip(jax.tree.leaves(noisy.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
     zero, _ = step(state, batch, key, parallel.Disturbances(0.0, 0.0, 0.0))
     plain = jax.tree.map(lambda w, d: w - LR_PLAIN * d, params, jax.grad(mlp_loss)(params, batch))
     for a, b in zip(jax.tree.leaves(zero.params), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-6)
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)  # as above
     assert step._cache_size() == 1  # both scales ran through one program
 
 

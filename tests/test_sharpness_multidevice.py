@@ -15,29 +15,31 @@ import pytest
 
 from tests.test_parallel import REPO, SUBPROCESS_TIMEOUT_S, _subprocess_env
 
-# float32, sums over 64 examples reordered across 8 devices: ~1e-7 relative per reduction.
-# Products and single reductions stay within a few 1e-7; Lanczos (20 steps), the density
-# (Ritz values shift ~1e-6 ‖H‖, the density by that over σ) and the 20-step trace estimators
-# accumulate it over their steps; adaptive sharpness is a difference L(w + δ) − L(w) of two
-# losses ~1e3 times larger than itself, so its relative error is ~1e3 times larger.
+# float32, sums over 64 examples reordered across 8 devices: two orders of one 64-term
+# reduction differ by ≲ 64 eps ≈ 8e-6 of its terms' scale (observed ~1e-7). Products and
+# single reductions: 1e-5. Lanczos (20 steps) and the 20-30-probe trace estimators carry
+# that through their steps: 1e-4; the density (Ritz values shift by that × ‖H‖, the density
+# by that over σ = 0.05): 1e-3. Adaptive sharpness is a difference L(w + δ) − L(w) of two
+# losses ~1e3 times larger than itself, so its relative error is ~1e3 times larger: 1e-2
+# (observed ≤ 5e-5). An unreduced batch (one device's 8 examples) is off by O(1).
 TOLERANCES = {
-    "hvp": 1e-6,
-    "ggn_product": 1e-6,
-    "fisher_product": 1e-6,
-    "hessian_diagonal": 1e-6,
-    "landscape": 1e-6,
-    "trace_hutchinson": 1e-6,
-    "trace_hutchpp": 1e-5,
-    "trace_ggn": 1e-5,
-    "trace_per_layer": 1e-5,
-    "top_eigenvalues": 1e-5,
-    "top_eigenvalues_fisher": 1e-5,
-    "top_eigenvalues_per_layer": 1e-5,
-    "spectral_density": 1e-4,
-    "minimum_sharpness": 1e-5,
-    "adaptive_average": 1e-3,
-    "adaptive_worst": 1e-3,
-    "inside_jit": 1e-5,
+    "hvp": 1e-5,
+    "ggn_product": 1e-5,
+    "fisher_product": 1e-5,
+    "hessian_diagonal": 1e-5,
+    "landscape": 1e-5,
+    "trace_hutchinson": 1e-4,
+    "trace_hutchpp": 1e-4,
+    "trace_ggn": 1e-4,
+    "trace_per_layer": 1e-4,
+    "top_eigenvalues": 1e-4,
+    "top_eigenvalues_fisher": 1e-4,
+    "top_eigenvalues_per_layer": 1e-4,
+    "spectral_density": 1e-3,
+    "minimum_sharpness": 1e-4,
+    "adaptive_average": 1e-2,
+    "adaptive_worst": 1e-2,
+    "inside_jit": 1e-4,
 }
 
 

@@ -63,6 +63,9 @@ def without_timings(history):
 
 
 def assert_trees_equal(a, b):
+    # Bitwise on purpose: both runs are in this process and call the same cached, jitted step
+    # (train() reuses it across runs with the same program) on the same restored inputs, so a
+    # resume replays the very same compiled program. Across processes this would not hold.
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

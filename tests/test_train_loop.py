@@ -120,21 +120,35 @@ def test_memorization_in_the_loop_on_a_crafted_dataset(digits):
         model_kwargs={"hidden_sizes": [64]},
     )
     result = train(config, data)
-    logits = result.model.apply({"params": result.params}, x)
-    predictions = np.asarray(jnp.argmax(logits, -1))
-    hits = corrupted = clean_hits = 0
-    for i in range(64):
-        clean_hits += int(predictions[i] == y_clean[i])
-        if y[i] != y_clean[i]:
-            corrupted += 1
-            hits += int(predictions[i] == y[i])
-    assert corrupted == 16
-    assert result.final["memorization"] == pytest.approx(hits / corrupted)
-    assert result.final["train_accuracy_clean"] == pytest.approx(clean_hits / 64)
-    test_pred = np.asarray(
-        jnp.argmax(result.model.apply({"params": result.params}, data.x_test), -1)
-    )
-    assert result.final["test_accuracy"] == pytest.approx(np.mean(test_pred == data.y_test))
+
+    # The loop predicts with its own jitted program (padded eval batches); the logits here
+    # come from another program, so they may differ by float32 rounding: ~130 products
+    # accumulated per logit over two layers, ≲ 1e-4 × the logits' scale. An example whose
+    # top-2 margin is below that may have its argmax flipped by rounding: count it on both
+    # sides of the bracket (a wrong count, e.g. of clean instead of noisy labels, moves
+    # whole examples, 1/16 or 1/64, and still fails).
+    def confident_and_predicted(inputs):
+        logits = np.asarray(result.model.apply({"params": result.params}, inputs))
+        top2 = np.sort(logits, -1)[:, -2:]
+        tol = 1e-4 * (1.0 + np.abs(logits).max())
+        return top2[:, 1] - top2[:, 0] > tol, logits.argmax(-1)
+
+    def bracket(hit, sure):
+        """(fewest, most) hits when each unsure example may go either way."""
+        return int(np.sum(hit & sure)), int(np.sum(hit | ~sure))
+
+    sure, predictions = confident_and_predicted(x)
+    corrupted = y != y_clean
+    assert corrupted.sum() == 16
+    low, high = bracket(predictions[corrupted] == y[corrupted], sure[corrupted])
+    assert low / 16 - 1e-9 <= result.final["memorization"] <= high / 16 + 1e-9
+    low, high = bracket(predictions == y_clean, sure)
+    assert low / 64 - 1e-9 <= result.final["train_accuracy_clean"] <= high / 64 + 1e-9
+    assert sure.mean() > 0.9  # the brackets are (nearly) exact counts, not vacuous
+
+    sure, test_pred = confident_and_predicted(data.x_test)
+    low, high = bracket(test_pred == data.y_test, sure)
+    assert low / 50 - 1e-9 <= result.final["test_accuracy"] <= high / 50 + 1e-9
 
 
 def test_mixed_precision(digits):
@@ -177,8 +191,14 @@ def test_batch_stats_come_from_the_clean_pass(digits):
         return loss, mutated["batch_stats"]
 
     (_, clean), g = jax.value_and_grad(forward, has_aux=True)(params)
+    # Trainer's jitted step vs the eager ops here: float32 rounding only. Each statistic is a
+    # mean over 32 rows of ≤ 64-term dot products: ≲ 1e-5 of the leaf's scale (an absolute
+    # bound, since a mean near 0 has no relative accuracy); the perturbed pass's statistics
+    # differ by > 1e-3 (checked below).
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max())
+        ),
         result.batch_stats,
         clean,
     )

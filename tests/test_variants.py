@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import sharpjax
 from tests.helpers import cross_entropy, flat_loss_grad, tiny_mlp_params, toy_batches
-from tests.test_core import LR, MOMENTUM, STEPS, run_chain
+from tests.test_core import LR, MOMENTUM, STEPS, run_chain, trajectory_atol
 
 RHO = 0.1
 
@@ -61,6 +61,12 @@ def keep_g2(g, g2, step):
     return g2
 
 
+# SANER's mask is a threshold on g2/g. Two programs' gradients differ by rounding, so a
+# masked element with |g2| within rounding of |g| could flip and move the trajectory by a
+# whole masked step. Sign flips move it by ≲ rounding (the element is ~0). On this fixture
+# the closest same-sign |g2| vs |g| gap of an element > 1e-4 is ~4e-7 (saner_on_asam), ~40
+# times the observed rounding (~1e-8): a residual, data-dependent risk, not removable by a
+# tolerance.
 def saner_out(alpha_of_step):
     def combine(g, g2, step):
         ratio = g2 / (g + 1e-8)
@@ -111,7 +117,7 @@ def test_trajectory_equals_flat_equations(setup, name):
     transformation, perturb, combine = CASES[name]
     got, _ = run_chain(chain(transformation), params, batches)
     want = flat_run(params, batches, perturb, combine)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got, want, rtol=0, atol=trajectory_atol(STEPS))
 
 
 def test_saner_masks_elements_in_the_trajectory(setup):
@@ -135,7 +141,8 @@ def test_reductions_to_sam(setup, variant):
     params, batches = setup
     got, _ = run_chain(chain(variant), params, batches)
     want, _ = run_chain(chain(sharpjax.sam(RHO)), params, batches)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # The same equations (θ = 1: d = g; α = 1: no mask; α = 0: no g_perp) in another program.
+    np.testing.assert_allclose(got, want, rtol=0, atol=trajectory_atol(STEPS))
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,7 +162,8 @@ def test_saner_mask_on_crafted_vectors():
     tx = sharpjax.saner(RHO, alpha=0.25)
     out, state = tx.update({"w": g}, tx.init(params), params, grad_fn=lambda p: {"w": g2})
     np.testing.assert_allclose(out["w"], np.where(want, 0.25, 1.0) * np.asarray(g2))
-    np.testing.assert_allclose(sharpjax.diagnostics(state)["masked_fraction"], 2 / 9)
+    # float32 2/9: a sum and a division, ≤ 2 roundings
+    np.testing.assert_allclose(sharpjax.diagnostics(state)["masked_fraction"], 2 / 9, rtol=1e-6)
 
 
 def test_saner_warmup_schedule():
@@ -214,14 +222,15 @@ def test_msam_equals_hand_written_microbatch_loop(setup):
         velocity = MOMENTUM * velocity + sum(sam_grads) / m
         w = w - LR * velocity
         want.append(w)
-    np.testing.assert_allclose(got, np.stack(want), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=trajectory_atol(STEPS))
 
 
 def test_msam_with_one_microbatch_is_sam(setup):
     params, batches = setup
     got, _ = run_msam(params, batches, 1)
     want, _ = run_chain(chain(sharpjax.sam(RHO)), params, batches)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # Same equations, another program (a vmap over one micro-batch, its sum): rounding only.
+    np.testing.assert_allclose(got, want, rtol=0, atol=trajectory_atol(STEPS))
 
 
 def test_msam_rejects_unstacked_gradients(setup):
@@ -297,7 +306,9 @@ def test_noise_resistant_equals_its_equation(setup):
         integral = integral + g
         w = w - LR * (g + MU * integral)
         want.append(w)
-    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-6)
+    # 5 plain SGD steps, the integral term adding ≤ μ·5 = 25% to each step's weight.
+    atol = 1.25 * trajectory_atol(5, momentum=0.0)
+    np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=atol)
     np.testing.assert_allclose(
         sharpjax.diagnostics(state)["integral_norm"], jnp.linalg.norm(integral), rtol=1e-5
     )
