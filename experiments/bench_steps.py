@@ -10,6 +10,14 @@ average out over a window of 10); we report the median over rounds and its ratio
 to SAM. Per optimizer we also report the compile time of the step and XLA's temporary
 memory (``compiled.memory_analysis().temp_size_in_bytes``).
 
+On XLA:CPU the efficient variants whose policy decides ahead (LookSAM, RST) run as
+``sharpjax.efficient.planned_step``: the decision is read on the host before each step, which
+runs one of two compiled programs (with or without the second gradient), since a conv gradient
+under ``lax.cond`` runs as a naive loop on XLA:CPU (``experiments/bench_cond.py``); their
+compile time is the two programs' sum and their temporary memory the larger. ``--cond`` adds
+each of them once more as ``<name>_cond``, with the decision in the step under ``lax.cond``
+(the generic path, and what every backend ran before), interleaved with the rest.
+
     python experiments/bench_steps.py --repeats 30 --out results/benchmarks/steps.json
 """
 
@@ -29,6 +37,7 @@ import optax
 import optax.contrib
 
 import sharpjax
+from sharpjax.efficient import plan_second_gradient, planned_step
 
 
 class BenchCNN(nn.Module):
@@ -78,7 +87,9 @@ def optimizers(lr: float, rho: float) -> dict[str, tuple[optax.GradientTransform
     return table
 
 
-def make_step(model, tx, kind, num_microbatches=8):
+def make_step(model, tx, kind, num_microbatches=8, second_gradient=None):
+    planned = {} if second_gradient is None else {"second_gradient": second_gradient}
+
     def example_losses(params, x, y):
         logits = model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -119,7 +130,7 @@ def make_step(model, tx, kind, num_microbatches=8):
                 updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
             else:
                 grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)
-                updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+                updates, state = tx.update(grads, state, params, grad_fn=grad_fn, **planned)
         return optax.apply_updates(params, updates), state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -143,6 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=10, help="consecutive steps per window")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizer names")
+    parser.add_argument(
+        "--cond",
+        action="store_true",
+        help="also run the ahead-deciding efficient variants under lax.cond, as <name>_cond",
+    )
     parser.add_argument("--out", default="results/benchmarks/steps.json")
     args = parser.parse_args(argv)
 
@@ -155,11 +171,35 @@ def main(argv: list[str] | None = None) -> dict:
     table = optimizers(lr=0.05, rho=0.05)
     if args.only:
         table = {k: v for k, v in table.items() if k in set(args.only) | {"sgd", "sam"}}
-    runs, compile_seconds, temp_bytes = {}, {}, {}
+    cpu = jax.default_backend() == "cpu"
+    if args.cond:
+        table.update(
+            {
+                f"{name}_cond": (tx, "cond")
+                for name, (tx, kind) in list(table.items())
+                if kind == "sharpjax" and plan_second_gradient(tx.init(params0)) is not None
+            }
+        )
+    runs, compile_seconds, temp_bytes, planned = {}, {}, {}, []
     for name, (tx, kind) in table.items():
         params = jax.tree.map(jnp.copy, params0)
         # Copies: a state may share one buffer between leaves, which donation refuses.
         state = jax.tree.map(jnp.copy, tx.init(params))
+        kind = "sharpjax" if kind == "cond" else kind
+        plannable = cpu and kind == "sharpjax" and not name.endswith("_cond")
+        if plannable and plan_second_gradient(state) is not None:
+            # One program per decision, chosen on the host before each step.
+            both = {
+                d: compile_step(make_step(model, tx, kind, second_gradient=d), params, state, x, y)
+                for d in (True, False)
+            }
+            compile_seconds[name] = sum(c[1] for c in both.values())
+            temps = [c[2] for c in both.values()]
+            temp_bytes[name] = None if None in temps else max(temps)
+            step = planned_step(lambda d, both=both: both[d][0], lambda p, s, *_: s)
+            runs[name] = [step, params, state]
+            planned.append(name)
+            continue
         step, compile_seconds[name], temp_bytes[name] = compile_step(
             make_step(model, tx, kind), params, state, x, y
         )
@@ -190,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "window": args.window,
+        "load_average": os.getloadavg(),
+        "planned_on_host": planned,
         "median_seconds": medians,
         "compile_seconds": compile_seconds,
         "temp_bytes": temp_bytes,
@@ -198,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"device: {result['device']}, batch {args.batch_size}, {args.repeats} interleaved "
-        f"rounds of {args.window}-step windows"
+        f"rounds of {args.window}-step windows, load average {result['load_average']}; "
+        f"decided on the host: {', '.join(planned) or 'none'}"
     )
     print(
         f"{'optimizer':22s} {'ms/step':>9s} {'/ sgd':>7s} {'/ sam':>7s} {'compile s':>10s} "

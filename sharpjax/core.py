@@ -570,7 +570,6 @@ def sharpness_aware(
     def update_fn(
         updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
     ):
-        del extra
         second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
         if params is None:
             raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
@@ -605,11 +604,24 @@ def sharpness_aware(
         g_in = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
         policy_state, policy_diag = state.policy_state, {}
         take = jnp.bool_(True)
+        # `second_gradient=True/False` (a Python bool): the policy's decision, taken before the
+        # step by the caller (sharpjax.efficient.planned_step), which then compiles one program
+        # per decision instead of a lax.cond (a conv gradient under lax.cond is many times
+        # slower on XLA:CPU: experiments/bench_cond.py). The policy still updates its state.
+        planned = extra.pop("second_gradient", None)
+        del extra
+        if planned is not None and not isinstance(planned, bool | np.bool_):
+            raise TypeError(
+                "second_gradient must be a Python bool decided before the step (or None), got "
+                f"{type(planned).__name__}; a traced decision is the policy's, under lax.cond."
+            )
+        if policy is None and planned is not None and not planned:
+            raise ValueError("second_gradient=False needs a SecondGradientPolicy to skip by.")
         if policy is not None:
             sq = jax.vmap(tree_vdot)(g_in, g_in) if micro else tree_vdot(g_in, g_in)
             sq = device_mean(jnp.mean(sq).astype(jnp.float32))
             take, policy_state, policy_diag = policy.decide(sq, state.policy_state, count)
-            take = jnp.asarray(take, jnp.bool_)
+            take = jnp.asarray(take if planned is None else bool(planned), jnp.bool_)
 
         # --- one micro-batch (or the whole batch): perturb, second pass, combine ------------
         def one(g, p_state, c_state, j):
@@ -696,8 +708,9 @@ def sharpness_aware(
                 finite,
             )
 
-        if policy is None:
-            out, p_state, c_state, diag, finite = with_second(None)
+        if policy is None or planned is not None:
+            branch = with_second if planned is None or planned else without_second
+            out, p_state, c_state, diag, finite = branch(None)
         else:
             out, p_state, c_state, diag, finite = jax.lax.cond(
                 take, with_second, without_second, None

@@ -16,11 +16,22 @@ core skips it under ``lax.cond`` (a skipped step costs one gradient) and reports
 only on ‖g‖² averaged over the data-parallel axis, the step count and its own replicated
 state (a PRNG key), so every device takes the same decision.
 
+LookSAM's and RST's policies decide from their state and the step count alone, so the
+decision can also be read before the step (:func:`plan_second_gradient`) and the training loop
+can run one of two compiled programs (:func:`planned_step`; the trainer does so on CPU). On
+XLA:CPU this is what makes a skipped step cost one gradient: XLA:CPU rewrites convolutions into
+its fast Eigen form only in a program's entry computation, so the backward convolutions of a
+conv net inside a ``lax.cond`` branch (or a while loop) run as naive loops, 20-40x slower
+(``experiments/bench_cond.py``). AE-SAM's decision needs this step's ‖g‖², so it stays under
+``lax.cond``.
+
 Sources and equations: the project's ``docs/algorithms.md``; each constructor's docstring.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,6 +60,7 @@ __all__ = [
     "AdaptivePolicyState",
     "LookSamState",
     "MomentumSamState",
+    "PlannedPolicyState",
     "adaptive_policy",
     "ae_sam",
     "ae_sam_threshold",
@@ -59,6 +71,8 @@ __all__ = [
     "looksam_combination",
     "momentum_sam",
     "momentum_sam_weights",
+    "plan_second_gradient",
+    "planned_step",
     "random_policy",
     "random_sam",
     "stochastic_perturbation",
@@ -80,39 +94,141 @@ def _check_seed(seed: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["state"], meta_fields=["ahead"])
+@dataclasses.dataclass(frozen=True)
+class PlannedPolicyState:
+    """The state of a policy that decides from its state and the step count alone (no ‖g‖²).
+
+    ``ahead(state, count) -> take`` is static (pytree metadata): :func:`plan_second_gradient`
+    finds it in an optimizer state and gives the next step's decision before the step, so
+    that a training loop can run one of two compiled programs (:func:`planned_step`) instead
+    of a ``lax.cond``. The leaves are ``state``'s alone (checkpoints hold only them).
+    """
+
+    state: Any
+    ahead: Callable[[Any, jax.Array], jax.Array]
+
+
+def _planned(init: Callable[[Any], Any], ahead: Callable) -> SecondGradientPolicy:
+    """A policy whose decision is ``ahead(state, count)``, also known before the step."""
+
+    def decide(sq, planned, count):
+        del sq
+        return ahead(planned.state, count), planned, {}
+
+    return SecondGradientPolicy(lambda params: PlannedPolicyState(init(params), ahead), decide)
+
+
 def every_k_steps(k: int) -> SecondGradientPolicy:
-    """Takes the second gradient on steps 0, k, 2k, ... (LookSAM's schedule). k = 1: always."""
+    """Takes the second gradient on steps 0, k, 2k, ... (LookSAM's schedule). k = 1: always.
+
+    The decision is known before the step (:func:`plan_second_gradient`).
+    """
     _check_int("k", k)
 
-    def decide(sq, state, count):
-        del sq
-        return count % k == 0, state, {}
+    def ahead(state, count):
+        del state
+        return jnp.asarray(count) % k == 0
 
-    return SecondGradientPolicy(lambda params: (), decide)
+    return _planned(lambda params: (), ahead)
 
 
 def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradientPolicy:
     """RST's policy: the second gradient with probability ``p_t`` (a float or a schedule).
 
     The PRNG key lives in the state (replicated, so every device draws the same number); step
-    t draws from ``fold_in(key, t)``.
+    t draws from ``fold_in(key, t)``, so the decision is known before the step
+    (:func:`plan_second_gradient`).
     ``p_t`` is clamped into [0, 1]; p = 1 always takes it, p = 0 never. Reports
     ``probability`` (the ``p_t`` used).
     """
     check_scalar_or_schedule("probability", probability, 0.0, 1.0)
     _check_seed(seed)
 
-    def decide(sq, raw, count):
-        del sq
+    def ahead(raw, count):
         p = evaluate(probability, count, 0.0, 1.0)
         # One draw per step from (key, count): a chain of splits from key(0) happens to start
         # with a dozen draws below 0.5, which made RST at its default seed plain SAM early on.
         draw = jax.random.fold_in(jax.random.wrap_key_data(raw), count)
         # uniform is in [0, 1): p = 1 always takes, p = 0 never.
-        take = jax.random.uniform(draw, (), p.dtype) < p
-        return take, raw, {"probability": p}
+        return jax.random.uniform(draw, (), p.dtype) < p
 
-    return SecondGradientPolicy(_raw_key(seed), decide, diagnostics=("probability",))
+    planned = _planned(_raw_key(seed), ahead)
+
+    def decide(sq, state, count):
+        take, state, _ = planned.decide(sq, state, count)
+        return take, state, {"probability": evaluate(probability, count, 0.0, 1.0)}
+
+    return SecondGradientPolicy(planned.init, decide, diagnostics=("probability",))
+
+
+def plan_second_gradient(opt_state: Any) -> jax.Array | None:
+    """The next step's second-gradient decision, read from an optimizer state before the step.
+
+    ``opt_state`` is the state of a (chained) transformation holding one sharpjax
+    transformation whose policy decides ahead (:func:`every_k_steps`, :func:`random_policy`:
+    LookSAM and RST); the result is the boolean that the policy will decide at the state's
+    step count, to be passed back as ``tx.update(..., second_gradient=bool(plan))``. None
+    when there is no such policy (AE-SAM's decision needs this step's ‖g‖²), or several
+    (one ``second_gradient`` cannot serve two). Works under ``jax.jit``; for a state whose
+    leaves carry a leading device axis (``jax.pmap``), pass the first device's copy.
+    """
+    from sharpjax.core import SharpnessAwareState
+
+    found = []
+
+    def visit(node):
+        if isinstance(node, SharpnessAwareState):
+            if isinstance(node.policy_state, PlannedPolicyState):
+                found.append(node)
+            return
+        if isinstance(node, dict):
+            children: Any = list(node.values())
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            return
+        for child in children:
+            visit(child)
+
+    visit(opt_state)
+    if len(found) != 1:
+        return None
+    node = found[0]
+    return jnp.asarray(node.policy_state.ahead(node.policy_state.state, node.count), jnp.bool_)
+
+
+_plan = jax.jit(plan_second_gradient)
+
+
+def planned_step(
+    make_step: Callable[[bool | None], Callable], opt_state_of: Callable[..., Any]
+) -> Callable:
+    """A training step that takes or skips the second gradient in two compiled programs.
+
+    ``make_step(second_gradient)`` builds the jitted step whose ``tx.update`` gets
+    ``second_gradient=second_gradient`` (None: the policy decides in the step, under
+    ``lax.cond``); ``opt_state_of(*args)`` finds the optimizer state in the step's
+    arguments. Each call reads the decision with :func:`plan_second_gradient` on the host
+    (which waits for the previous step) and runs the program that takes ``g₂`` or the one that
+    does not; without a policy that decides ahead it runs ``make_step(None)``. Each program
+    is built on first use.
+
+    Why: XLA:CPU rewrites convolutions into its fast (Eigen) form only in the entry
+    computation, so a conv gradient inside ``lax.cond`` (or a while loop) runs as a naive loop,
+    many times slower (``experiments/bench_cond.py``). Outside the CPU the ``lax.cond`` step is
+    as fast, and saves the host wait and a second compilation.
+    """
+    steps: dict[bool | None, Callable] = {}
+
+    def step(*args, **kwargs):
+        plan = _plan(opt_state_of(*args, **kwargs))
+        decision = None if plan is None else bool(plan)
+        if decision not in steps:
+            steps[decision] = make_step(decision)
+        return steps[decision](*args, **kwargs)
+
+    return step
 
 
 def _raw_key(seed: int) -> Callable[[Any], jax.Array]:

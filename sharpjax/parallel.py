@@ -336,6 +336,7 @@ def make_train_step(
     num_microbatches: int = 1,
     augment: Callable[[jax.Array, Batch], Batch] | None = None,
     loss_takes_rng: bool = False,
+    second_gradient: bool | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """THE sharpness-aware step ``step(state, batch, key=None, disturbances=None)``, unmapped.
 
@@ -372,6 +373,10 @@ def make_train_step(
       augment: ``augment(key, batch) -> batch``, e.g. crop and flip of the inputs; applied to
         the (device's) batch with the step's augmentation key.
       loss_takes_rng: pass ``rng=`` to ``loss_fn`` (needs ``key``).
+      second_gradient: None (the policy of an efficient variant decides in the step, under
+        ``lax.cond``), or the decision taken before the step, passed on to ``tx.update``: a
+        step built with True takes the second gradient, one built with False skips it
+        (``sharpjax.efficient.planned_step`` picks between the two on the host).
 
     Returns:
       ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``. ``key`` (a JAX
@@ -456,8 +461,9 @@ def make_train_step(
 
         # The clean loss rides along so that the diagnostics carry loss, perturbed_loss and
         # sharpness; the base optimizers of the chain ignore both extra arguments.
+        planned = {} if second_gradient is None else {"second_gradient": second_gradient}
         updates, opt_state = tx.update(
-            grads, opt_state, params, value_and_grad_fn=value_and_grad_fn, loss=loss
+            grads, opt_state, params, value_and_grad_fn=value_and_grad_fn, loss=loss, **planned
         )
         params = optax.apply_updates(params, updates)
         if disturbances is not None:

@@ -449,3 +449,99 @@ def test_fresh_states_can_be_donated(setup, make):
     params, _ = setup
     state = make().init(params)
     jax.block_until_ready(jax.jit(lambda s: s, donate_argnums=0)(state))
+
+
+# --------------------------------------------------------------------------------------
+# Deciding ahead: two programs chosen on the host equal the lax.cond step.
+# --------------------------------------------------------------------------------------
+
+
+def run_planned(tx, params, batches, counter=None):
+    """As :func:`run`, with ``planned_step``: the decision is read before each step."""
+    tx = optax.chain(tx, optax.sgd(LR, momentum=MOMENTUM))
+    state = tx.init(params)
+    built = []
+
+    def make_step(second_gradient):
+        built.append(second_gradient)
+
+        def step(params, state, batch):
+            x, y = batch
+            grads = jax.grad(mean_loss)(params, x, y)
+
+            def grad_fn(p):
+                if counter is not None:
+                    jax.debug.callback(lambda: counter.append(1))
+                return jax.grad(mean_loss)(p, x, y)
+
+            updates, state = tx.update(
+                grads, state, params, grad_fn=grad_fn, second_gradient=second_gradient
+            )
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(step)
+
+    step = efficient.planned_step(make_step, lambda params, state, batch: state)
+    trajectory, plans, diags = [], [], []
+    for batch in batches:
+        plans.append(bool(efficient.plan_second_gradient(state)))
+        params, state = step(params, state, batch)
+        trajectory.append(ravel_pytree(params)[0])
+        diags.append({k: float(v) for k, v in sharpjax.diagnostics(state).items()})
+    return np.stack(trajectory), plans, diags, built
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: efficient.looksam(RHO, 3),
+        lambda: efficient.random_sam(RHO, 0.5, seed=7),
+        lambda: efficient.random_sam(RHO, efficient.grst_schedule(STEPS)),
+        lambda: efficient.random_sam(RHO, 0.5, combination=sharpjax.saner_combination(0.5)),
+    ],
+)
+def test_planned_step_equals_the_in_step_decision(setup, make):
+    params, batches = setup
+    want, want_diags = run(make(), params, batches)
+    counter = []
+    got, plans, diags, built = run_planned(make(), params, batches, counter)
+    jax.effects_barrier()
+    took = [bool(d["second_gradient"]) for d in want_diags]
+    # The decision read before each step is the one the policy takes in the lax.cond step.
+    assert plans == took
+    assert [bool(d["second_gradient"]) for d in diags] == took
+    assert len(counter) == sum(took)  # a skipped step never calls grad_fn
+    assert set(built) == set(took) and None not in built
+    np.testing.assert_allclose(got, want, **TOL)
+    for d, w in zip(diags, want_diags, strict=True):
+        np.testing.assert_allclose(list(d.values()), list(w.values()), **TOL)
+        assert d.keys() == w.keys()
+
+
+def test_plan_is_none_without_a_policy_that_decides_ahead(setup):
+    params, _ = setup
+    for tx in (sharpjax.sam(RHO), efficient.ae_sam(RHO), optax.sgd(LR)):
+        assert efficient.plan_second_gradient(tx.init(params)) is None
+    two = optax.chain(efficient.looksam(RHO), efficient.random_sam(RHO))
+    assert efficient.plan_second_gradient(two.init(params)) is None
+    # Under jit, at a traced count: LookSAM's k = 3 takes steps 0 and 3.
+    state = optax.chain(efficient.looksam(RHO, 3), optax.sgd(LR)).init(params)
+    plan = jax.jit(efficient.plan_second_gradient)
+    counts = [plan(jax.tree.map(lambda x: x, state))]
+    for c in (1, 2, 3):
+        counts.append(plan((state[0]._replace(count=jnp.int32(c)), state[1])))
+    assert [bool(c) for c in counts] == [True, False, False, True]
+
+
+def test_second_gradient_must_be_a_python_bool(setup):
+    params, batches = setup
+    g = jax.grad(mean_loss)(params, *batches[0])
+    grad_fn = lambda p: g
+    tx = efficient.looksam(RHO)
+    with pytest.raises(TypeError, match="second_gradient must be a Python bool"):
+        jax.jit(
+            lambda t: tx.update(g, tx.init(params), params, grad_fn=grad_fn, second_gradient=t)
+        )(True)
+    sam = sharpjax.sam(RHO)
+    with pytest.raises(ValueError, match="needs a SecondGradientPolicy"):
+        sam.update(g, sam.init(params), params, grad_fn=grad_fn, second_gradient=False)

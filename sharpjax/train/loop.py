@@ -53,6 +53,7 @@ from sharpjax.data import (
     load_dataset,
     prefetch_to_mesh,
 )
+from sharpjax.efficient import planned_step
 from sharpjax.models import get_model
 from sharpjax.train import metrics as metrics_lib
 from sharpjax.train.checkpoint import Checkpointer, prepare_workdir
@@ -210,7 +211,27 @@ def make_train_step(
     replicated, and adds its metrics to the epoch's ``sums`` on device. ``state`` is
     ``{"params", "opt_state", "batch_stats", "step"}``; ``hyper`` is :func:`step_inputs`
     (the step's key is ``fold_in(hyper["key"], state["step"])``).
+
+    On CPU devices, with an efficient variant whose policy decides ahead (LookSAM, RST), it
+    is :func:`sharpjax.efficient.planned_step`: two programs, with and without the second
+    gradient, chosen on the host before each step (a conv gradient under ``lax.cond`` runs
+    many times slower on XLA:CPU); elsewhere, one program with the ``lax.cond``.
     """
+    if all(d.platform == "cpu" for d in mesh.devices.flat):
+        return planned_step(
+            lambda decision: _make_train_step(model, tx, config, mesh, decision),
+            lambda state, *_: state["opt_state"],
+        )
+    return _make_train_step(model, tx, config, mesh, None)
+
+
+def _make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    second_gradient: bool | None,
+) -> Callable:
     num_devices = mesh.devices.size
     one_step = parallel.make_train_step(
         make_loss_fn(model),
@@ -219,6 +240,7 @@ def make_train_step(
         num_microbatches=perturbation_microbatches(config, num_devices),
         augment=(lambda key, b: (augment_crop_flip(key, b[0]), b[1])) if config.augment else None,
         loss_takes_rng=True,
+        second_gradient=second_gradient,
     )
     disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
 
