@@ -69,6 +69,8 @@ def optimizers(lr: float, rho: float) -> dict[str, tuple[optax.GradientTransform
     table = {"sgd": (base(), "plain")}
     table.update({name: (optax.chain(tx, base()), "sharpjax") for name, tx in sam_like.items()})
     table["msam"] = (optax.chain(sharpjax.msam(rho, num_microbatches=8), base()), "msam")
+    parallel = sharpjax.msam(rho, num_microbatches=8, microbatch_execution="parallel")
+    table["msam_parallel"] = (optax.chain(parallel, base()), "msam")
     # The efficient variants, each with its defaults (AE-SAM: target fraction 0.5).
     efficient = {
         "looksam": sharpjax.looksam(rho),

@@ -479,7 +479,11 @@ def sharpness_aware(
         ``jax.vmap`` (m perturbed copies of the params and m second gradients alive at once);
         when the micro-batches are sharded over devices (the trainer's per-device mode under
         GSPMD) each device runs its own, where a sequential scan would gather every
-        micro-batch onto every device. Same result either way.
+        micro-batch onto every device. Same result either way. On XLA:CPU a convolution's
+        gradient inside a scan body runs many times slower than outside it (XLA:CPU
+        canonicalises only the entry computation's convolutions; ``experiments/bench_cond.py``):
+        there ``"parallel"`` is the faster (3.5x for mSAM with m = 8 on a small CNN,
+        ``experiments/bench_steps.py``).
       axis_name: data-parallel axis (pmap / shard_map); None on one device.
       perturbation_mode: with ``axis_name``: ``"per_device"`` (each device perturbs with its
         own gradient, the original SAM), ``"synced"`` (all devices share the perturbation of

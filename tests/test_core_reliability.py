@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import sharpjax
 from tests.helpers import cross_entropy, flat_loss_grad, tiny_mlp_params, toy_batches
+from tests.test_core import trajectory_atol
 
 LR, RHO = 0.1, 0.1
 
@@ -137,7 +138,8 @@ def test_apply_if_finite_skips_the_bad_step(setup, name):
     guarded = optax.apply_if_finite(make(), max_consecutive_errors=3)
     got = run(guarded, sequence)
     want = run(make(), [b for b in sequence if b is not None])
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # Two programs (guarded and plain chains): float32 rounding carried by momentum.
+    np.testing.assert_allclose(got, want, rtol=0, atol=trajectory_atol(len(sequence)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def test_injected_saner_alpha_takes_effect(setup):
     g2 = grad(w + RHO * gf / jnp.linalg.norm(gf), batches[0])
     ratio = g2 / (gf + 1e-8)
     want = g2 * jnp.where((ratio > 0) & (ratio < 1), 0.25, 1.0)
-    np.testing.assert_allclose(ravel_pytree(out)[0], want, rtol=1e-5, atol=1e-7)
+    # ~30 eps of a gradient of scale ≲ 1 (two programs' sums)
+    np.testing.assert_allclose(ravel_pytree(out)[0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_schedules_out_of_range_are_clamped_and_reported(setup):
@@ -222,7 +225,10 @@ def test_schedules_out_of_range_are_clamped_and_reported(setup):
     assert float(diag["rho"]) == 0.0 and float(diag["perturbation_norm"]) == 0.0
     assert float(diag["alpha"]) == 1.0
     # ρ = 0 and α = 1: the output is the clean gradient itself, not a step downhill.
-    np.testing.assert_allclose(ravel_pytree(out)[0], ravel_pytree(g)[0], rtol=1e-6)
+    flat = ravel_pytree(g)[0]
+    np.testing.assert_allclose(
+        ravel_pytree(out)[0], flat, rtol=1e-6, atol=1e-7 * float(jnp.max(jnp.abs(flat)))
+    )
 
 
 @pytest.mark.parametrize(

@@ -325,7 +325,8 @@ def test_stochastic_perturbation_masks_and_rescales(setup):
         eps = np.asarray(ravel_pytree(eps)[0])
         on = eps != 0
         # Each element is either dropped or SAM's, scaled by 1/β.
-        np.testing.assert_allclose(eps[on], np.asarray(full)[on], rtol=1e-6)
+        # two programs' norms of ~75 squares: a few eps apart
+        np.testing.assert_allclose(eps[on], np.asarray(full)[on], rtol=1e-5)
         kept.append(on.mean())
     n = flat_g.size * 20
     assert abs(np.mean(kept) - beta) < 5 * math.sqrt(beta * (1 - beta) / n)

@@ -56,5 +56,6 @@ def test_every_device_takes_the_same_decision(eight, name):
         # The core averages the 0/1 decision over devices: any disagreement shows as a fraction.
         assert set(decisions) <= {0.0, 1.0}, (mode, decisions)
         assert 0 < sum(decisions) < len(decisions), "both kinds of step must occur"
-    # Policy state, count of second gradients and params: bit-identical on every device.
-    assert eight[f"{name}_replica_spread"] == 0.0
+    # Policy state, count of second gradients and params: the same on every device (XLA does
+    # not promise every device of an all-reduce the same bits: float32 rounding at most).
+    assert eight[f"{name}_replica_spread"] < TOL

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sharpjax
 from sharpjax.data import Dataset, iterate_batches, load_dataset
 from sharpjax.train import OPTIMIZERS, TrainConfig, init_model, train
 from sharpjax.train.metrics import EPOCH_KEYS, memorization
@@ -306,3 +307,12 @@ def test_each_process_gathers_only_its_rows_and_prefetch_keeps_the_order():
         assert xd.sharding.spec == jax.sharding.PartitionSpec("batch")
         np.testing.assert_array_equal(np.asarray(xd), xb)
         np.testing.assert_array_equal(np.asarray(yd), yb)
+
+
+def test_looksam_in_the_trainer_takes_the_second_gradient_every_k_steps(digits):
+    # On CPU the trainer runs LookSAM as two programs chosen on the host (the decision read
+    # ahead); the step count 0, 5, ... takes the second gradient, so 2 of 10 steps.
+    result = train(small_config(optimizer="looksam", epochs=2, max_steps_per_epoch=5), digits)
+    diag = sharpjax.diagnostics(result.opt_state)
+    assert float(diag["second_gradient_fraction"]) == pytest.approx(0.2)
+    assert np.isfinite(result.final["train_loss"])

@@ -31,6 +31,9 @@ import sharpjax
 
 # Names of the training methods. "sgd" and "adamw" are the plain base optimizers; every
 # other name puts a sharpness-aware transformation in front of the base optimizer.
+# The efficient variants whose policy decides before the step (every k steps, a random draw):
+# on CPU the trainer runs them as two programs chosen on the host (sharpjax.efficient).
+DECIDED_AHEAD = ("looksam", "random_sam", "saner_random_sam")
 OPTIMIZERS = (
     "sgd",
     "adamw",

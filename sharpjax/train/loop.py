@@ -58,6 +58,7 @@ from sharpjax.models import get_model
 from sharpjax.train import metrics as metrics_lib
 from sharpjax.train.checkpoint import Checkpointer, prepare_workdir
 from sharpjax.train.config import (
+    DECIDED_AHEAD,
     RUNTIME_FIELDS,
     TrainConfig,
     learning_rate_schedule,
@@ -217,7 +218,7 @@ def make_train_step(
     gradient, chosen on the host before each step (a conv gradient under ``lax.cond`` runs
     many times slower on XLA:CPU); elsewhere, one program with the ``lax.cond``.
     """
-    if all(d.platform == "cpu" for d in mesh.devices.flat):
+    if config.optimizer in DECIDED_AHEAD and all(d.platform == "cpu" for d in mesh.devices.flat):
         return planned_step(
             lambda decision: _make_train_step(model, tx, config, mesh, decision),
             lambda state, *_: state["opt_state"],
@@ -317,11 +318,12 @@ def compiled_functions(
 
     def build():
         m = perturbation_microbatches(config, mesh.devices.size)
-        # On several devices the micro-batches are sharded over the mesh: a vmap lets GSPMD
-        # run each device's second pass on that device (a scan would gather them everywhere).
-        execution = "parallel" if mesh.devices.size > 1 else "sequential"
+        # The micro-batches' second passes under vmap: on several devices GSPMD runs each on
+        # its own device (a scan would gather them everywhere), and on XLA:CPU a conv gradient
+        # inside a scan body is many times slower (experiments/bench_cond.py). The trainer's
+        # models are small enough for m perturbed copies of the params.
         tx = make_optimizer(
-            config, steps_per_epoch, num_microbatches=m, microbatch_execution=execution
+            config, steps_per_epoch, num_microbatches=m, microbatch_execution="parallel"
         )
         return tx, make_train_step(model, tx, config, mesh), make_predict(model, mesh)
 
