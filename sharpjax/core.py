@@ -778,16 +778,32 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     """
     found: dict[str, jax.Array] = {}
 
-    def visit(node):
-        if isinstance(node, SharpnessAwareState) or (
+    def reports(node):
+        return isinstance(node, SharpnessAwareState) or (
             hasattr(node, "_fields") and "diagnostics" in getattr(node, "_fields", ())
-        ):
-            for key, value in node.diagnostics.items():
-                name, i = key, 0
-                while name in found:
-                    i += 1
-                    name = f"{key}_{i}"
-                found[name] = value
+        )
+
+    for node in find_states(opt_state, reports):
+        for key, value in node.diagnostics.items():
+            name, i = key, 0
+            while name in found:
+                i += 1
+                name = f"{key}_{i}"
+            found[name] = value
+    return found
+
+
+def find_states(opt_state: Any, match: Callable[[Any], bool]) -> list[Any]:
+    """The nodes of a (chained, nested) optimizer state for which ``match`` is true, in order.
+
+    Walks dicts, lists and tuples (NamedTuple states included), and does not look inside a
+    node that matches.
+    """
+    found: list[Any] = []
+
+    def visit(node):
+        if match(node):
+            found.append(node)
             return
         if isinstance(node, dict):
             children: Sequence = list(node.values())

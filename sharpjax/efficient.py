@@ -173,25 +173,13 @@ def plan_second_gradient(opt_state: Any) -> jax.Array | None:
     (one ``second_gradient`` cannot serve two). Works under ``jax.jit``; for a state whose
     leaves carry a leading device axis (``jax.pmap``), pass the first device's copy.
     """
-    from sharpjax.core import SharpnessAwareState
+    from sharpjax.core import SharpnessAwareState, find_states
 
-    found = []
-
-    def visit(node):
-        if isinstance(node, SharpnessAwareState):
-            if isinstance(node.policy_state, PlannedPolicyState):
-                found.append(node)
-            return
-        if isinstance(node, dict):
-            children: Any = list(node.values())
-        elif isinstance(node, list | tuple):
-            children = node
-        else:
-            return
-        for child in children:
-            visit(child)
-
-    visit(opt_state)
+    found = [
+        node
+        for node in find_states(opt_state, lambda n: isinstance(n, SharpnessAwareState))
+        if isinstance(node.policy_state, PlannedPolicyState)
+    ]
     if len(found) != 1:
         return None
     node = found[0]
