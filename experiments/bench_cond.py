@@ -29,23 +29,11 @@ import os
 import re
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-
-class BenchCNN(nn.Module):
-    width: int = 64
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(self.width, (3, 3))(x))
-        x = nn.relu(nn.Conv(self.width, (3, 3))(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
-        return nn.Dense(10)(x)
+from bench_steps import BenchCNN  # the same model as the step benchmark
 
 
 def variants(model, x, y):
