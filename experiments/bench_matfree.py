@@ -241,8 +241,8 @@ def main() -> None:
         rows.update(bench_network(name, nets[name], x, y, args))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"jax": jax.__version__, "matfree": version("matfree"), "args": vars(args)}
-        meta["args"]["out"] = str(args.out)
+        arguments = {**vars(args), "out": str(args.out)}
+        meta = {"jax": jax.__version__, "matfree": version("matfree"), "args": arguments}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -2,21 +2,24 @@
 optax.contrib.sam, interleaved.
 
 Every optimizer gets the same jitted training step (clean value_and_grad, then tx.update with
-grad_fn; ESAM gets per-example losses, Momentum-SAM replaces SGD) on the same model and batch.
-Windows of ``--window`` consecutive steps are timed round-robin (a window of each optimizer,
-repeated), so that the shared machine's noise hits every optimizer alike. The time per step
-is a window's mean, skipped second gradients included (LookSAM's k = 5 and RST's draws
-average out over a window of 10); we report the median over rounds and its ratio to SGD and
-to SAM. Per optimizer we also report the compile time of the step and XLA's temporary
-memory (``compiled.memory_analysis().temp_size_in_bytes``).
+grad_fn; ESAM gets per-example losses, Momentum-SAM replaces SGD) on the same model and the
+same ``--batches`` random batches in turn. Windows of ``--window`` consecutive steps are timed
+round-robin (a window of each optimizer, repeated), so that the shared machine's noise hits
+every optimizer alike. The time per step is a window's mean, skipped second gradients included
+(LookSAM's k = 5 and RST's draws average out over a window of 10); we report the median over
+rounds and its ratio to SGD and to SAM. Per optimizer we also report the compile time of the
+step, XLA's temporary memory (``compiled.memory_analysis().temp_size_in_bytes``) and, for the
+efficient variants, the share of all steps run that took the second gradient.
 
-On XLA:CPU the efficient variants whose policy decides ahead (LookSAM, RST) run as
-``sharpjax.efficient.planned_step``: the decision is read on the host before each step, which
-runs one of two compiled programs (with or without the second gradient), since a conv gradient
-under ``lax.cond`` runs as a naive loop on XLA:CPU (``experiments/bench_cond.py``); their
-compile time is the two programs' sum and their temporary memory the larger. ``--cond`` adds
-each of them once more as ``<name>_cond``, with the decision in the step under ``lax.cond``
-(the generic path, and what every backend ran before), interleaved with the rest.
+On XLA:CPU the efficient variants run without ``lax.cond``, since a conv gradient under it
+runs as a naive loop on XLA:CPU (``experiments/bench_cond.py``): LookSAM and RST, whose policy
+decides ahead, as ``sharpjax.efficient.planned_step`` (the decision read on the host before each
+step, which runs one of two compiled programs, with or without the second gradient); AE-SAM,
+whose decision needs this step's ‖g‖², as three programs (the clean gradient and the decision,
+then one of the two updates). Their compile time is the programs' sum and their temporary
+memory the largest. ``--cond`` adds each of them once more as ``<name>_cond``, with the
+decision in the step under ``lax.cond`` (the generic path, and what every backend ran before),
+interleaved with the rest.
 
     python experiments/bench_steps.py --repeats 30 --out results/benchmarks/steps.json
 """
@@ -24,6 +27,7 @@ each of them once more as ``<name>_cond``, with the decision in the step under `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -89,15 +93,57 @@ def optimizers(lr: float, rho: float) -> dict[str, tuple[optax.GradientTransform
     return table
 
 
-def make_step(model, tx, kind, num_microbatches=8, second_gradient=None):
-    planned = {} if second_gradient is None else {"second_gradient": second_gradient}
+def losses(model):
+    """``(example_losses, loss_fn)`` of the model: per-example and mean cross-entropy."""
 
     def example_losses(params, x, y):
         logits = model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    def loss_fn(params, x, y):
-        return example_losses(params, x, y).mean()
+    return example_losses, lambda params, x, y: example_losses(params, x, y).mean()
+
+
+def make_split_step(model, tx, params, state, x, y):
+    """AE-SAM's step on CPU: the clean gradient and the decision (read on the host), then one
+    of two update programs, with or without the second gradient. Returns the host-side step,
+    the three programs' compile time and their largest temporary memory."""
+    _, loss_fn = losses(model)
+
+    def clean(params, state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        return loss, grads, plan_second_gradient(state, grads)
+
+    def update(params, state, x, y, grads, second_gradient):
+        grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)
+        updates, state = tx.update(
+            grads, state, params, grad_fn=grad_fn, second_gradient=second_gradient
+        )
+        return optax.apply_updates(params, updates), state
+
+    start = time.perf_counter()
+    clean = jax.jit(clean).lower(params, state, x, y).compile()
+    grads = clean(params, state, x, y)[1]
+    updates = {
+        d: jax.jit(functools.partial(update, second_gradient=d), donate_argnums=(0, 1))
+        .lower(params, state, x, y, grads)
+        .compile()
+        for d in (True, False)
+    }
+    seconds = time.perf_counter() - start
+    temps = [c.memory_analysis() for c in (clean, *updates.values())]
+    temps = [None if t is None else int(t.temp_size_in_bytes) for t in temps]
+
+    def step(params, state, x, y):
+        loss, grads, decision = clean(params, state, x, y)
+        params, state = updates[bool(decision)](params, state, x, y, grads)
+        return params, state, loss
+
+    return step, seconds, None if None in temps else max(temps)
+
+
+def make_step(model, tx, kind, num_microbatches=8, second_gradient=None):
+    planned = {} if second_gradient is None else {"second_gradient": second_gradient}
+    example_losses, loss_fn = losses(model)
 
     def step(params, state, x, y):
         if kind == "msam":
@@ -155,18 +201,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     parser.add_argument("--window", type=int, default=10, help="consecutive steps per window")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches, in turn")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizer names")
     parser.add_argument(
         "--cond",
         action="store_true",
-        help="also run the ahead-deciding efficient variants under lax.cond, as <name>_cond",
+        help="also run the efficient variants decided on the host under lax.cond, as <name>_cond",
     )
     parser.add_argument("--out", default="results/benchmarks/steps.json")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(args.batch_size, 8, 8, 1)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, size=args.batch_size), jnp.int32)
+    # Distinct batches in turn, so that ‖g‖² varies from step to step as in training (AE-SAM
+    # decides from it; on one fixed batch it would fall steadily and AE-SAM rarely take g₂).
+    data = [
+        (
+            jnp.asarray(rng.normal(size=(args.batch_size, 8, 8, 1)), jnp.float32),
+            jnp.asarray(rng.integers(0, 10, size=args.batch_size), jnp.int32),
+        )
+        for _ in range(args.batches)
+    ]
+    x, y = data[0]
     model = BenchCNN(args.width)
     params0 = model.init(jax.random.key(0), x[:1])["params"]
 
@@ -179,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 f"{name}_cond": (tx, "cond")
                 for name, (tx, kind) in list(table.items())
-                if kind == "sharpjax" and plan_second_gradient(tx.init(params0)) is not None
+                if kind == "sharpjax"
+                and plan_second_gradient(tx.init(params0), jax.tree.map(jnp.zeros_like, params0))
+                is not None
             }
         )
     runs, compile_seconds, temp_bytes, planned = {}, {}, {}, []
@@ -202,6 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = [step, params, state]
             planned.append(name)
             continue
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        if plannable and plan_second_gradient(state, zeros) is not None:
+            # The decision needs this step's ‖g‖² (AE-SAM): three programs.
+            step, compile_seconds[name], temp_bytes[name] = make_split_step(
+                model, tx, params, state, x, y
+            )
+            runs[name] = [step, params, state]
+            planned.append(name)
+            continue
         step, compile_seconds[name], temp_bytes[name] = compile_step(
             make_step(model, tx, kind), params, state, x, y
         )
@@ -210,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     def call(name):
         step, params, state = runs[name]
         start = time.perf_counter()
-        for _ in range(args.window):
-            params, state, loss = step(params, state, x, y)
+        for i in range(args.window):
+            params, state, loss = step(params, state, *data[i % len(data)])
         jax.block_until_ready((params, state, loss))
         runs[name][1:] = [params, state]
         return (time.perf_counter() - start) / args.window
@@ -225,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(call(name))
 
     medians = {name: float(np.median(t)) for name, t in times.items()}
+    # The efficient variants' share of steps that took the second gradient, over every step run.
+    fractions = {}
+    for name, (_, _, state) in runs.items():
+        fraction = sharpjax.diagnostics(state).get("second_gradient_fraction")
+        if fraction is not None:
+            fractions[name] = float(fraction)
     result = {
         "device": str(jax.devices()[0]),
         "platform": platform.platform(),
@@ -237,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_seconds": medians,
         "compile_seconds": compile_seconds,
         "temp_bytes": temp_bytes,
+        "second_gradient_fraction": fractions,
         "ratio_to_sgd": {n: medians[n] / medians["sgd"] for n in medians},
         "ratio_to_sam": {n: medians[n] / medians["sam"] for n in medians},
     }
@@ -247,14 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"{'optimizer':22s} {'ms/step':>9s} {'/ sgd':>7s} {'/ sam':>7s} {'compile s':>10s} "
-        f"{'temp MiB':>9s}"
+        f"{'temp MiB':>9s} {'g2 share':>8s}"
     )
     for name in medians:
         temp = temp_bytes[name]
         print(
             f"{name:22s} {1e3 * medians[name]:9.2f} {result['ratio_to_sgd'][name]:7.3f} "
             f"{result['ratio_to_sam'][name]:7.3f} {compile_seconds[name]:10.2f} "
-            f"{'n/a' if temp is None else f'{temp / 2**20:.2f}':>9s}"
+            f"{'n/a' if temp is None else f'{temp / 2**20:.2f}':>9s} "
+            f"{f'{fractions[name]:.2f}' if name in fractions else '':>8s}"
         )
     if "optax_contrib_sam" in medians:
         ratio = medians["sam"] / medians["optax_contrib_sam"]

@@ -100,6 +100,13 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
     return sum(jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in pairs)
 
 
+def grad_sq_norm(grads: Any, micro: bool = False) -> jax.Array:
+    """‖g‖² as a policy sees it (float32): with ``micro``, the mean over the stacked
+    micro-batch gradients (axis 0) of each one's ‖g_j‖²."""
+    sq = jax.vmap(tree_vdot)(grads, grads) if micro else tree_vdot(grads, grads)
+    return jnp.mean(sq).astype(jnp.float32)
+
+
 def tree_scale(tree: Any, scale: jax.Array) -> Any:
     """Multiplies every leaf by ``scale``, keeping each leaf's dtype."""
     return jax.tree.map(lambda x: (x.astype(compute_dtype(x)) * scale).astype(x.dtype), tree)
@@ -622,8 +629,7 @@ def sharpness_aware(
         if policy is None and planned is not None and not planned:
             raise ValueError("second_gradient=False needs a SecondGradientPolicy to skip by.")
         if policy is not None:
-            sq = jax.vmap(tree_vdot)(g_in, g_in) if micro else tree_vdot(g_in, g_in)
-            sq = device_mean(jnp.mean(sq).astype(jnp.float32))
+            sq = device_mean(grad_sq_norm(g_in, micro))
             take, policy_state, policy_diag = policy.decide(sq, state.policy_state, count)
             take = jnp.asarray(take if planned is None else bool(planned), jnp.bool_)
 

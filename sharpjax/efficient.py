@@ -16,14 +16,17 @@ core skips it under ``lax.cond`` (a skipped step costs one gradient) and reports
 only on ‖g‖² averaged over the data-parallel axis, the step count and its own replicated
 state (a PRNG key), so every device takes the same decision.
 
-LookSAM's and RST's policies decide from their state and the step count alone, so the
-decision can also be read before the step (:func:`plan_second_gradient`) and the training loop
-can run one of two compiled programs (:func:`planned_step`; the trainer does so on CPU). On
+The decision can also be read outside the step (:func:`plan_second_gradient`) and passed back
+as ``tx.update(..., second_gradient=True/False)``, so that a training loop runs one of two
+compiled programs instead of the ``lax.cond``. LookSAM's and RST's policies decide from their
+state and the step count alone: the decision is known before the step (:func:`planned_step`).
+AE-SAM's needs this step's ‖g‖²: compute the clean gradient in one program, read the decision
+from it, then run the update with or without the second gradient
+(``sharpjax.parallel.make_train_step(..., split=True)``). The trainer does both on CPU. On
 XLA:CPU this is what makes a skipped step cost one gradient: XLA:CPU rewrites convolutions into
 its fast Eigen form only in a program's entry computation, so the backward convolutions of a
-conv net inside a ``lax.cond`` branch (or a while loop) run as naive loops, 20-40x slower
-(``experiments/bench_cond.py``). AE-SAM's decision needs this step's ‖g‖², so it stays under
-``lax.cond``.
+conv net inside a ``lax.cond`` branch (or a while loop) run as naive loops, 17-29x slower
+(``experiments/bench_cond.py``).
 
 Sources and equations: the project's ``docs/algorithms.md``; each constructor's docstring.
 """
@@ -94,29 +97,48 @@ def _check_seed(seed: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["state"], meta_fields=["ahead"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["state"],
+    meta_fields=["ahead", "needs_grad_sq"],
+)
 @dataclasses.dataclass(frozen=True)
 class PlannedPolicyState:
-    """The state of a policy that decides from its state and the step count alone (no ‖g‖²).
+    """The state of a policy whose decision can be read before the update.
 
-    ``ahead(state, count) -> take`` is static (pytree metadata): :func:`plan_second_gradient`
-    finds it in an optimizer state and gives the next step's decision before the step, so
-    that a training loop can run one of two compiled programs (:func:`planned_step`) instead
-    of a ``lax.cond``. The leaves are ``state``'s alone (checkpoints hold only them).
+    ``ahead(state, count, grad_sq) -> take`` is static (pytree metadata):
+    :func:`plan_second_gradient` finds it in an optimizer state and gives the step's decision
+    before ``tx.update``, so that a training loop can run one of two compiled programs
+    (:func:`planned_step`) instead of a ``lax.cond``. LookSAM's and RST's policies decide from
+    the state and the step count alone (``needs_grad_sq`` False: known before the step);
+    AE-SAM's needs this step's ‖g‖² (known once the clean gradient is). The leaves are
+    ``state``'s alone (checkpoints hold only them).
     """
 
     state: Any
-    ahead: Callable[[Any, jax.Array], jax.Array]
+    ahead: Callable[[Any, jax.Array, jax.Array | None], jax.Array]
+    needs_grad_sq: bool = False
 
 
-def _planned(init: Callable[[Any], Any], ahead: Callable) -> SecondGradientPolicy:
-    """A policy whose decision is ``ahead(state, count)``, also known before the step."""
+def _planned(
+    init: Callable[[Any], Any],
+    decide: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any, dict[str, jax.Array]]],
+    needs_grad_sq: bool,
+    diagnostics: tuple[str, ...] = (),
+) -> SecondGradientPolicy:
+    """The policy ``decide`` with a state that :func:`plan_second_gradient` can read."""
 
-    def decide(sq, planned, count):
-        del sq
-        return ahead(planned.state, count), planned, {}
+    def ahead(state, count, sq):
+        return decide(sq, state, count)[0]
 
-    return SecondGradientPolicy(lambda params: PlannedPolicyState(init(params), ahead), decide)
+    def wrap(state):
+        return PlannedPolicyState(state, ahead, needs_grad_sq)
+
+    def planned_decide(sq, planned, count):
+        take, state, diag = decide(sq, planned.state, count)
+        return take, wrap(state), diag
+
+    return SecondGradientPolicy(lambda params: wrap(init(params)), planned_decide, diagnostics)
 
 
 def every_k_steps(k: int) -> SecondGradientPolicy:
@@ -126,11 +148,11 @@ def every_k_steps(k: int) -> SecondGradientPolicy:
     """
     _check_int("k", k)
 
-    def ahead(state, count):
-        del state
-        return jnp.asarray(count) % k == 0
+    def decide(sq, state, count):
+        del sq
+        return jnp.asarray(count) % k == 0, state, {}
 
-    return _planned(lambda params: (), ahead)
+    return _planned(lambda params: (), decide, needs_grad_sq=False)
 
 
 def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradientPolicy:
@@ -145,35 +167,38 @@ def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradien
     check_scalar_or_schedule("probability", probability, 0.0, 1.0)
     _check_seed(seed)
 
-    def ahead(raw, count):
+    def decide(sq, raw, count):
+        del sq
         p = evaluate(probability, count, 0.0, 1.0)
         # One draw per step from (key, count): a chain of splits from key(0) happens to start
         # with a dozen draws below 0.5, which made RST at its default seed plain SAM early on.
         draw = jax.random.fold_in(jax.random.wrap_key_data(raw), count)
         # uniform is in [0, 1): p = 1 always takes, p = 0 never.
-        return jax.random.uniform(draw, (), p.dtype) < p
+        return jax.random.uniform(draw, (), p.dtype) < p, raw, {"probability": p}
 
-    planned = _planned(_raw_key(seed), ahead)
-
-    def decide(sq, state, count):
-        take, state, _ = planned.decide(sq, state, count)
-        return take, state, {"probability": evaluate(probability, count, 0.0, 1.0)}
-
-    return SecondGradientPolicy(planned.init, decide, diagnostics=("probability",))
+    return _planned(_raw_key(seed), decide, needs_grad_sq=False, diagnostics=("probability",))
 
 
-def plan_second_gradient(opt_state: Any) -> jax.Array | None:
-    """The next step's second-gradient decision, read from an optimizer state before the step.
+def plan_second_gradient(
+    opt_state: Any, grads: Any = None, num_microbatches: int = 1
+) -> jax.Array | None:
+    """The step's second-gradient decision, read from an optimizer state before ``tx.update``.
 
     ``opt_state`` is the state of a (chained) transformation holding one sharpjax
-    transformation whose policy decides ahead (:func:`every_k_steps`, :func:`random_policy`:
-    LookSAM and RST); the result is the boolean that the policy will decide at the state's
-    step count, to be passed back as ``tx.update(..., second_gradient=bool(plan))``. None
-    when there is no such policy (AE-SAM's decision needs this step's ‖g‖²), or several
-    (one ``second_gradient`` cannot serve two). Works under ``jax.jit``; for a state whose
-    leaves carry a leading device axis (``jax.pmap``), pass the first device's copy.
+    transformation whose policy can be planned (:class:`PlannedPolicyState`); the result is
+    the boolean that the policy will decide at the state's step count, to be passed back as
+    ``tx.update(g, opt_state, params, ..., second_gradient=bool(plan))``.
+
+    LookSAM's and RST's policies decide from the state alone: ``grads`` is not needed, and the
+    decision is known before the step. AE-SAM's needs this step's ‖g‖²: pass ``grads``, the
+    clean gradient that ``tx.update`` will get (with ``num_microbatches=m`` for the stacked
+    gradients of m micro-batches); without them the result is None. None also when there is no
+    plannable policy, or several (one ``second_gradient`` cannot serve two). Works under
+    ``jax.jit`` on one device and under GSPMD (the gradient a global mean); not inside
+    ``pmap``/``shard_map``, where the policy averages ‖g‖² over the devices itself. For a
+    state whose leaves carry a leading device axis (``jax.pmap``), pass the first device's copy.
     """
-    from sharpjax.core import SharpnessAwareState, find_states
+    from sharpjax.core import SharpnessAwareState, find_states, grad_sq_norm
 
     found = [
         node
@@ -182,8 +207,13 @@ def plan_second_gradient(opt_state: Any) -> jax.Array | None:
     ]
     if len(found) != 1:
         return None
-    node = found[0]
-    return jnp.asarray(node.policy_state.ahead(node.policy_state.state, node.count), jnp.bool_)
+    planned, count = found[0].policy_state, found[0].count
+    sq = None
+    if planned.needs_grad_sq:
+        if grads is None:
+            return None
+        sq = grad_sq_norm(grads, micro=num_microbatches > 1)
+    return jnp.asarray(planned.ahead(planned.state, count, sq), jnp.bool_)
 
 
 _plan = jax.jit(plan_second_gradient)
@@ -275,7 +305,9 @@ def adaptive_policy(c: ScalarOrSchedule = 0.0, delta: float = 0.9) -> SecondGrad
     ``σ²_t = δ σ²_{t−1} + (1 − δ)(x_t − μ_t)²`` (``μ_0 = x_0``, ``σ_0 = 0``), and the step takes
     the second gradient when ``x_t ≥ μ_t + c_t σ_t``. ``c`` is a float or a schedule
     (:func:`ae_sam_threshold`); c = −∞ always takes it (SAM), c = +∞ never (the base optimizer).
-    Reports ``threshold`` (``c_t``) and ``grad_sq_zscore`` ((x − μ)/σ).
+    Reports ``threshold`` (``c_t``) and ``grad_sq_zscore`` ((x − μ)/σ). The decision can be
+    read from the clean gradient before ``tx.update`` (:func:`plan_second_gradient` with
+    ``grads``).
     """
     # ±∞ are the documented reductions (SAM, the base optimizer); anything else is finite.
     if callable(c) or not (isinstance(c, float | int) and math.isinf(c)):
@@ -302,7 +334,7 @@ def adaptive_policy(c: ScalarOrSchedule = 0.0, delta: float = 0.9) -> SecondGrad
         new = AdaptivePolicyState(mean, var, jnp.ones([], jnp.bool_))
         return take, new, {"threshold": c_t, "grad_sq_zscore": zscore}
 
-    return SecondGradientPolicy(init, decide, diagnostics=("threshold", "grad_sq_zscore"))
+    return _planned(init, decide, needs_grad_sq=True, diagnostics=("threshold", "grad_sq_zscore"))
 
 
 # --------------------------------------------------------------------------------------

@@ -327,6 +327,37 @@ def _maybe_add_normal(tree: Any, key: jax.Array, std: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+class CleanPass(NamedTuple):
+    """The clean half of a step: the gradient ``tx.update`` gets (noise added; stacked over
+    the micro-batches for m > 1), the loss, the new model state and the metrics."""
+
+    grads: Any
+    loss: jax.Array
+    model_state: ModelState
+    metrics: Metrics
+
+
+class SplitTrainStep(NamedTuple):
+    """:func:`make_train_step` in two halves (``split=True``).
+
+    ``clean(state, batch, key=None, disturbances=None) -> CleanPass`` and
+    ``update(state, batch, clean, key=None, disturbances=None, *, second_gradient=None) ->
+    (state, metrics)``; ``update(state, batch, clean(state, batch, key, d), key, d)`` is the
+    whole step (the batch is augmented in each half with the same key).
+    """
+
+    clean: Callable[..., CleanPass]
+    update: Callable[..., tuple[TrainState, Metrics]]
+
+
+class _StepInputs(NamedTuple):
+    batch: Batch  # augmented; split into micro-batches (leading axis m) for m > 1
+    rngs: jax.Array | None  # dropout key(s), one per micro-batch for m > 1
+    k_noise1: jax.Array | None
+    k_noise2: jax.Array | None
+    k_param: jax.Array | None
+
+
 def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformationExtraArgs,
@@ -337,7 +368,8 @@ def make_train_step(
     augment: Callable[[jax.Array, Batch], Batch] | None = None,
     loss_takes_rng: bool = False,
     second_gradient: bool | None = None,
-) -> Callable[..., tuple[TrainState, Metrics]]:
+    split: bool = False,
+) -> Callable[..., tuple[TrainState, Metrics]] | SplitTrainStep:
     """THE sharpness-aware step ``step(state, batch, key=None, disturbances=None)``, unmapped.
 
     Every training path of sharpjax runs this function: ``jax.jit`` of it on a mesh with a
@@ -377,6 +409,11 @@ def make_train_step(
         ``lax.cond``), or the decision taken before the step, passed on to ``tx.update``: a
         step built with True takes the second gradient, one built with False skips it
         (``sharpjax.efficient.planned_step`` picks between the two on the host).
+      split: return the step in its two halves, a :class:`SplitTrainStep`, for a policy that
+        decides from this step's clean gradient (AE-SAM) on a backend where ``lax.cond`` is
+        slow: run ``clean``, read the decision with ``sharpjax.efficient.plan_second_gradient(
+        opt_state, clean.grads, num_microbatches)``, then ``update(..., second_gradient=...)``
+        (each half jitted on its own; the trainer does this on CPU).
 
     Returns:
       ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``. ``key`` (a JAX
@@ -390,16 +427,15 @@ def make_train_step(
     """
     _check_num_micro_steps(num_micro_steps)
     _check_count("num_microbatches", num_microbatches)
+    if split and second_gradient is not None:
+        raise ValueError(
+            "With split=True the decision goes to the update half, per call: "
+            "update(state, batch, clean, key, disturbances, second_gradient=...)."
+        )
     from sharpjax.core import diagnostics as read_diagnostics
 
-    def step(
-        state: TrainState,
-        batch: Batch,
-        key: jax.Array | None = None,
-        disturbances: Disturbances | None = None,
-    ) -> tuple[TrainState, Metrics]:
-        params, model_state, opt_state = state
-        dist = Disturbances() if disturbances is None else disturbances
+    def prepare(batch, key, disturbances):
+        """The step's keys, the augmented batch and the dropout keys (micro-batches' too)."""
         needs_key = augment is not None or loss_takes_rng or disturbances is not None
         if key is None and needs_key:
             raise ValueError(
@@ -416,62 +452,67 @@ def make_train_step(
         if augment is not None:
             batch = augment(k_aug, batch)
         rng = k_drop if loss_takes_rng else None
+        rngs = rng
+        if num_microbatches > 1:
+            batch = split_microbatches(batch, num_microbatches)
+            rngs = None if rng is None else jax.random.split(rng, num_microbatches)
+        return _StepInputs(batch, rngs, k_noise1, k_noise2, k_param)
 
-        def noisy(tree, k):
-            return tree if disturbances is None else _maybe_add_normal(tree, k, dist.grad_noise_std)
+    def noisy(tree, key, disturbances):
+        if disturbances is None:
+            return tree
+        return _maybe_add_normal(tree, key, disturbances.grad_noise_std)
 
+    def clean_half(state, inputs, disturbances):
+        params, model_state, _ = state
         if num_microbatches == 1:
             grads, loss, new_model_state, metrics = _clean_pass(
-                loss_fn, params, model_state, batch, num_micro_steps, axis_name, rng
+                loss_fn, params, model_state, inputs.batch, num_micro_steps, axis_name, inputs.rngs
             )
-            grads = noisy(grads, k_noise1)
-            second = accumulated_value_and_grad_fn(
-                loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name, rng=rng
-            )
-
-            def value_and_grad_fn(p):
-                loss2, g2 = second(p)
-                return loss2, noisy(g2, k_noise2)
-
         else:
-            micro = split_microbatches(batch, num_microbatches)
-            micro_rngs = None if rng is None else jax.random.split(rng, num_microbatches)
 
             def clean(b, r):
                 return _clean_pass(loss_fn, params, model_state, b, num_micro_steps, axis_name, r)
 
-            grads, losses, stats, metrics = jax.vmap(clean)(micro, micro_rngs)
+            grads, losses, stats, metrics = jax.vmap(clean)(inputs.batch, inputs.rngs)
             loss = jnp.mean(losses)
             new_model_state, metrics = _mean_micro_steps(stats), _mean_micro_steps(metrics)
-            grads = noisy(grads, k_noise1)
+        grads = noisy(grads, inputs.k_noise1, disturbances)
+        return CleanPass(grads, loss, new_model_state, metrics)
 
-            def value_and_grad_fn(p, j):
-                pick = lambda a: a[j]
-                r = None if micro_rngs is None else micro_rngs[j]
-                loss2, g2 = accumulated_value_and_grad_fn(
-                    loss_fn,
-                    model_state,
-                    jax.tree.map(pick, micro),
-                    num_micro_steps,
-                    axis_name=axis_name,
-                    rng=r,
-                )(p)
-                k = None if k_noise2 is None else jax.random.fold_in(k_noise2, j)
-                return loss2, noisy(g2, k)
+    def update_half(state, inputs, clean, disturbances, decision):
+        params, model_state, opt_state = state
+
+        def value_and_grad_fn(p, j=None):
+            batch, rng, k = inputs.batch, inputs.rngs, inputs.k_noise2
+            if j is not None:  # micro-batch j of m
+                batch = jax.tree.map(lambda a: a[j], batch)
+                rng = None if rng is None else rng[j]
+                k = None if k is None else jax.random.fold_in(k, j)
+            loss2, g2 = accumulated_value_and_grad_fn(
+                loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name, rng=rng
+            )(p)
+            return loss2, noisy(g2, k, disturbances)
 
         # The clean loss rides along so that the diagnostics carry loss, perturbed_loss and
         # sharpness; the base optimizers of the chain ignore both extra arguments.
-        planned = {} if second_gradient is None else {"second_gradient": second_gradient}
+        planned = {} if decision is None else {"second_gradient": decision}
         updates, opt_state = tx.update(
-            grads, opt_state, params, value_and_grad_fn=value_and_grad_fn, loss=loss, **planned
+            clean.grads,
+            opt_state,
+            params,
+            value_and_grad_fn=value_and_grad_fn,
+            loss=clean.loss,
+            **planned,
         )
         params = optax.apply_updates(params, updates)
         if disturbances is not None:
-            params = _maybe_add_normal(params, k_param, dist.param_noise_std)
-            bias = jnp.asarray(dist.param_bias, jnp.float32)
+            params = _maybe_add_normal(params, inputs.k_param, disturbances.param_noise_std)
+            bias = jnp.asarray(disturbances.param_bias, jnp.float32)
             params = jax.tree.map(lambda w: (w + bias).astype(w.dtype), params)
-        metrics = {"loss": loss, **metrics}
+        metrics = {"loss": clean.loss, **clean.metrics}
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        new_model_state = clean.model_state
         if axis_name is not None:
             new_model_state = _pmean_floating(new_model_state, axis_name)
             metrics = jax.lax.pmean(metrics, axis_name)
@@ -479,7 +520,40 @@ def make_train_step(
         diag = {k: jnp.asarray(v, jnp.float32) for k, v in read_diagnostics(opt_state).items()}
         return TrainState(params, new_model_state, opt_state), {**diag, **metrics}
 
-    return step
+    def step(
+        state: TrainState,
+        batch: Batch,
+        key: jax.Array | None = None,
+        disturbances: Disturbances | None = None,
+    ) -> tuple[TrainState, Metrics]:
+        inputs = prepare(batch, key, disturbances)
+        clean = clean_half(state, inputs, disturbances)
+        return update_half(state, inputs, clean, disturbances, second_gradient)
+
+    if not split:
+        return step
+
+    def clean_step(
+        state: TrainState,
+        batch: Batch,
+        key: jax.Array | None = None,
+        disturbances: Disturbances | None = None,
+    ) -> CleanPass:
+        return clean_half(state, prepare(batch, key, disturbances), disturbances)
+
+    def update_step(
+        state: TrainState,
+        batch: Batch,
+        clean: CleanPass,
+        key: jax.Array | None = None,
+        disturbances: Disturbances | None = None,
+        *,
+        second_gradient: bool | None = None,
+    ) -> tuple[TrainState, Metrics]:
+        inputs = prepare(batch, key, disturbances)
+        return update_half(state, inputs, clean, disturbances, second_gradient)
+
+    return SplitTrainStep(clean_step, update_step)
 
 
 # --------------------------------------------------------------------------------------

@@ -519,6 +519,55 @@ def test_planned_step_equals_the_in_step_decision(setup, make):
         assert d.keys() == w.keys()
 
 
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_split_step_equals_the_in_step_decision(setup, num_microbatches):
+    """AE-SAM's decision needs this step's ‖g‖²: the clean gradient and the decision in one
+    program (plan_second_gradient with the gradient), the update in one of two others."""
+    params, batches = setup
+    m = num_microbatches
+    # c and δ of test_ae_sam_equals_its_equation, whose fixture has no near-tie at them.
+    make = lambda: efficient.ae_sam(RHO, 0.3, delta=0.6, num_microbatches=m if m > 1 else None)
+    tx = optax.chain(make(), optax.sgd(LR, momentum=MOMENTUM))
+    batch_loss = lambda p, b: mean_loss(p, *b)
+
+    def gradients(p, batch):
+        if m == 1:
+            return jax.grad(batch_loss)(p, batch), lambda q: jax.grad(batch_loss)(q, batch)
+        _, grads, grad_fn = sharpjax.microbatch_value_and_grad(batch_loss, p, batch, m)
+        return grads, grad_fn
+
+    def step(params, state, batch, second_gradient=None):
+        grads, grad_fn = gradients(params, batch)
+        updates, state = tx.update(
+            grads, state, params, grad_fn=grad_fn, second_gradient=second_gradient
+        )
+        return optax.apply_updates(params, updates), state
+
+    def clean(params, state, batch):
+        grads, _ = gradients(params, batch)
+        return grads, efficient.plan_second_gradient(state, grads, num_microbatches=m)
+
+    in_step, clean = jax.jit(step), jax.jit(clean)
+    update = jax.jit(step, static_argnames="second_gradient")
+    p_cond = p_split = params
+    s_cond = s_split = tx.init(params)
+    assert efficient.plan_second_gradient(s_split) is None  # it needs the gradient
+    took = []
+    for batch in batches:
+        p_cond, s_cond = in_step(p_cond, s_cond, batch)
+        _, plan = clean(p_split, s_split, batch)
+        p_split, s_split = update(p_split, s_split, batch, second_gradient=bool(plan))
+        want, got = sharpjax.diagnostics(s_cond), sharpjax.diagnostics(s_split)
+        took.append(bool(want["second_gradient"]))
+        # No near-tie: the nearest is |z − c| = 0.2, against float32 rounding of z (~1e-6).
+        assert len(took) == 1 or abs(float(want["grad_sq_zscore"]) - 0.3) > 1e-2
+        assert bool(plan) == took[-1] == bool(got["second_gradient"])
+        np.testing.assert_allclose(ravel_pytree(p_split)[0], ravel_pytree(p_cond)[0], **TOL)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], **TOL, err_msg=k)
+    assert 0 < sum(took) < len(took)
+
+
 def test_plan_is_none_without_a_policy_that_decides_ahead(setup):
     params, _ = setup
     for tx in (sharpjax.sam(RHO), efficient.ae_sam(RHO), optax.sgd(LR)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -316,3 +317,47 @@ def test_looksam_in_the_trainer_takes_the_second_gradient_every_k_steps(digits):
     diag = sharpjax.diagnostics(result.opt_state)
     assert float(diag["second_gradient_fraction"]) == pytest.approx(0.2)
     assert np.isfinite(result.final["train_loss"])
+
+
+def test_ae_sam_in_the_trainer_splits_the_step_and_equals_the_cond_step(digits):
+    # On CPU the trainer runs AE-SAM as two halves (clean gradient and decision, then the
+    # update with or without g₂): each step equals the one-program step with the lax.cond.
+    from sharpjax import parallel
+    from sharpjax.train import loop
+
+    config = small_config(optimizer="ae_sam", max_steps_per_epoch=6)
+    result = train(config, digits)
+    fraction = float(sharpjax.diagnostics(result.opt_state)["second_gradient_fraction"])
+    assert 0 < fraction < 1
+
+    mesh = parallel.make_mesh(None)
+    model = result.model
+    tx, split_step, _ = loop.compiled_functions(model, config, 6, mesh)
+    cond_step = loop._make_train_step(model, tx, config, mesh, None)
+    assert not hasattr(split_step, "lower")  # host-side: not one jitted program
+    params, batch_stats = loop.init_model(model, digits.x_train, config.seed)
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "batch_stats": batch_stats,
+        "step": jnp.zeros([], jnp.int32),
+    }
+    hyper = loop.step_inputs(config, mesh)
+    batches = iterate_batches(digits.x_train, digits.y_train, batch_size=32, seed=0, epoch=0)
+    took, compared = [], 0
+    for batch in itertools.islice(batches, 6):
+        batch = parallel.replicate_on(mesh, batch)
+        sums = loop._zero_sums(state["opt_state"], mesh)
+        got, got_sums = split_step(parallel.replicate_on(mesh, state), sums, batch, hyper)
+        sums = loop._zero_sums(state["opt_state"], mesh)
+        want, want_sums = cond_step(parallel.replicate_on(mesh, state), sums, batch, hyper)
+        took.append(float(want_sums["second_gradient"]))
+        # The decision is x ≥ μ + c σ, i.e. z ≥ c; away from a near-tie both programs agree.
+        margin = abs(float(want_sums["grad_sq_zscore"]) - float(want_sums["threshold"]))
+        if len(took) == 1 or margin > 1e-3:
+            compared += 1
+            assert float(got_sums["second_gradient"]) == took[-1]
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        state = jax.device_get(got)
+    assert 0 < sum(took) < len(took) and compared >= 5

@@ -2,11 +2,19 @@
 
 matfree (0.6) offers Hutchinson, XTrace and XNysTrace; ``experiments/bench_matfree.py``
 compares them with these estimators at the same matvec budget against a dense Hessian/GGN.
-Hutchinson is the same estimator (identical errors). XTrace against Hutch++ on a trained MLP:
-a tie on the Hessian at 120 products (8.1e-4 vs 8.4e-4 relative error), worse at 40 (6.3e-3 vs
-2.1e-3), better on the GGN at 120 (3.8e-4 vs 1.3e-3) but worse at 40 (5.0e-3 vs 1.8e-3), and
-1.5-3x slower. It does not pay consistently at the budgets measured, so it is not offered;
-Hutch++ stays (see :mod:`sharpjax.sharpness.lanczos`).
+Hutchinson is the same estimator (identical errors). XTrace against Hutch++ (relative error,
+mean of 3 seeds; ``results/benchmarks/matfree.log``), on trained networks:
+
+===============  ===============  ===============  ===============  ===============
+network          Hessian, 40 mv   Hessian, 120 mv  GGN, 40 mv       GGN, 120 mv
+===============  ===============  ===============  ===============  ===============
+MLP (2,442)      6.3e-3 / 2.1e-3  8.1e-4 / 8.4e-4  5.0e-3 / 1.8e-3  3.8e-4 / 1.3e-3
+LeNet (1,722)    5.3e-3 / 1.4e-3  4.4e-4 / 4.7e-4  5.1e-3 / 1.2e-3  1.8e-4 / 2.5e-4
+===============  ===============  ===============  ===============  ===============
+
+(XTrace / Hutch++.) XTrace is 3-4x worse at 40 products and a tie, or up to 3x better on the
+GGN, at 120; XNysTrace (GGN only) is no better. It does not pay consistently at the budgets
+measured, so it is not offered; Hutch++ stays (see :mod:`sharpjax.sharpness.lanczos`).
 """
 
 from collections.abc import Callable, Iterable

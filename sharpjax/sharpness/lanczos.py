@@ -4,17 +4,17 @@ Of the Hessian, the GGN or the empirical Fisher (:mod:`sharpjax.sharpness.curvat
 per layer.
 
 Why our own Lanczos rather than matfree's (0.6: ``decomp.tridiag_sym``, ``eig.eigh_partial``,
-``funm``): ``experiments/bench_matfree.py`` ran both at the same matvec budget on an MLP of
-8x8 digits (2,442 parameters, at initialisation and trained) against the dense Hessian
-and a small LeNet (1,722 parameters) at initialisation (``results/benchmarks/matfree.log``).
-Top-5 eigenvalues: the same accuracy (relative errors 3e-7 to 1e-6 for both, float32
-round-off). Time: ours 1.7x faster on the MLP at 40 products, on par at 120; matfree 1.2x
-faster on the LeNet at 120 (3.2 vs 2.6 s, on a loaded machine). SLQ: the same quadrature to
-every digit; matfree 1.0-1.3x faster. Neither is clearly better. matfree's Lanczos needs
-the matvec inside one trace, so it cannot stream batches
-(``batches=``, one batch on the device at a time) and has no restart on breakdown, both of
-which this module has; matfree's distinguishing feature, a custom VJP through Lanczos, is not
-needed by the measures. So the code is kept, and matfree is not a dependency.
+``funm``): ``experiments/bench_matfree.py`` ran both at the same matvec budget on an MLP of 8x8
+digits (2,442 parameters) and a small LeNet (1,722 parameters), each at initialisation and
+trained, against the dense Hessian (``results/benchmarks/matfree.log``). Top-5 eigenvalues: the
+same accuracy (relative errors 2e-7 to 1e-6 on the MLP, 8e-6 to 1.1e-5 on the trained LeNet for
+both: float32 round-off). Time: ours 1.15-1.7x faster on the MLP; on the LeNet within 10 %
+either way (1.40 vs 1.55 s trained at 120 products, on a loaded machine). SLQ: the same
+quadrature to every digit; matfree 1.0-1.3x faster. Neither is clearly better. matfree's
+Lanczos needs the matvec inside one trace, so it cannot stream batches (``batches=``, one batch
+on the device at a time) and has no restart on breakdown, both of which this module has;
+matfree's distinguishing feature, a custom VJP through Lanczos, is not needed by the measures.
+So the code is kept, and matfree is not a dependency.
 """
 
 from collections.abc import Callable, Iterable

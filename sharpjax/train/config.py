@@ -31,9 +31,11 @@ import sharpjax
 
 # Names of the training methods. "sgd" and "adamw" are the plain base optimizers; every
 # other name puts a sharpness-aware transformation in front of the base optimizer.
-# The efficient variants whose policy decides before the step (every k steps, a random draw):
-# on CPU the trainer runs them as two programs chosen on the host (sharpjax.efficient).
+# The efficient variants whose policy decides before the step (every k steps, a random draw),
+# and the one that decides from the step's clean gradient: on CPU the trainer runs them without
+# lax.cond, as programs chosen on the host (sharpjax.train.loop.make_train_step).
 DECIDED_AHEAD = ("looksam", "random_sam", "saner_random_sam")
+DECIDED_FROM_GRADIENT = ("ae_sam",)
 OPTIMIZERS = (
     "sgd",
     "adamw",

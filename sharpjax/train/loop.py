@@ -28,6 +28,7 @@ compiles it once (:func:`compiled_functions`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -53,12 +54,13 @@ from sharpjax.data import (
     load_dataset,
     prefetch_to_mesh,
 )
-from sharpjax.efficient import planned_step
+from sharpjax.efficient import plan_second_gradient, planned_step
 from sharpjax.models import get_model
 from sharpjax.train import metrics as metrics_lib
 from sharpjax.train.checkpoint import Checkpointer, prepare_workdir
 from sharpjax.train.config import (
     DECIDED_AHEAD,
+    DECIDED_FROM_GRADIENT,
     RUNTIME_FIELDS,
     TrainConfig,
     learning_rate_schedule,
@@ -213,17 +215,67 @@ def make_train_step(
     ``{"params", "opt_state", "batch_stats", "step"}``; ``hyper`` is :func:`step_inputs`
     (the step's key is ``fold_in(hyper["key"], state["step"])``).
 
-    On CPU devices, with an efficient variant whose policy decides ahead (LookSAM, RST), it
-    is :func:`sharpjax.efficient.planned_step`: two programs, with and without the second
-    gradient, chosen on the host before each step (a conv gradient under ``lax.cond`` runs
-    many times slower on XLA:CPU); elsewhere, one program with the ``lax.cond``.
+    On CPU devices the efficient variants avoid ``lax.cond`` (a conv gradient under it runs
+    many times slower on XLA:CPU, ``experiments/bench_cond.py``): LookSAM and RST, whose
+    policy decides ahead, run as :func:`sharpjax.efficient.planned_step` (two programs, with
+    and without the second gradient, chosen on the host before each step); AE-SAM, whose
+    decision needs this step's ‖g‖², runs the step's two halves as programs of their own (the
+    clean gradient and the decision, then the update with or without the second gradient).
+    Elsewhere: one program with the ``lax.cond``.
     """
-    if config.optimizer in DECIDED_AHEAD and all(d.platform == "cpu" for d in mesh.devices.flat):
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    if on_cpu and config.optimizer in DECIDED_AHEAD:
         return planned_step(
             lambda decision: _make_train_step(model, tx, config, mesh, decision),
             lambda state, *_: state["opt_state"],
         )
+    if on_cpu and config.optimizer in DECIDED_FROM_GRADIENT:
+        return _make_split_train_step(model, tx, config, mesh)
     return _make_train_step(model, tx, config, mesh, None)
+
+
+def _step_parts(
+    model: nn.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    split: bool = False,
+    second_gradient: bool | None = None,
+) -> tuple[Any, Callable, Callable]:
+    """The core step (:func:`sharpjax.parallel.make_train_step`), and the trainer's wrapping:
+    ``inputs(state, hyper) -> (train_state, key, disturbances)`` and
+    ``finish(state, sums, new, metrics) -> (state, sums)``."""
+    num_devices = mesh.devices.size
+    core_step = parallel.make_train_step(
+        make_loss_fn(model),
+        tx,
+        num_micro_steps=config.num_micro_steps,
+        num_microbatches=perturbation_microbatches(config, num_devices),
+        augment=(lambda key, b: (augment_crop_flip(key, b[0]), b[1])) if config.augment else None,
+        loss_takes_rng=True,
+        second_gradient=second_gradient,
+        split=split,
+    )
+    disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
+
+    def inputs(state, hyper):
+        key = jax.random.fold_in(jax.random.wrap_key_data(hyper["key"]), state["step"])
+        train_state = parallel.TrainState(state["params"], state["batch_stats"], state["opt_state"])
+        # Runs without disturbances skip them at trace time; a sweep over non-zero scales (or
+        # over seeds) still compiles once, since the scales are traced.
+        return train_state, key, hyper["disturbances"] if disturbed else None
+
+    def finish(state, sums, new, metrics):
+        new_sums = {k: sums[k] + metrics[k] for k in sums}
+        new_state = {
+            "params": new.params,
+            "opt_state": new.opt_state,
+            "batch_stats": new.model_state,
+            "step": state["step"] + 1,
+        }
+        return new_state, new_sums
+
+    return core_step, inputs, finish
 
 
 def _make_train_step(
@@ -233,33 +285,11 @@ def _make_train_step(
     mesh: jax.sharding.Mesh,
     second_gradient: bool | None,
 ) -> Callable:
-    num_devices = mesh.devices.size
-    one_step = parallel.make_train_step(
-        make_loss_fn(model),
-        tx,
-        num_micro_steps=config.num_micro_steps,
-        num_microbatches=perturbation_microbatches(config, num_devices),
-        augment=(lambda key, b: (augment_crop_flip(key, b[0]), b[1])) if config.augment else None,
-        loss_takes_rng=True,
-        second_gradient=second_gradient,
-    )
-    disturbed = bool(config.grad_noise_std or config.param_noise_std or config.param_bias)
+    one_step, inputs, finish = _step_parts(model, tx, config, mesh, second_gradient=second_gradient)
 
     def step(state, sums, batch, hyper):
-        key = jax.random.fold_in(jax.random.wrap_key_data(hyper["key"]), state["step"])
-        train_state = parallel.TrainState(state["params"], state["batch_stats"], state["opt_state"])
-        # Runs without disturbances skip them at trace time; a sweep over non-zero scales (or
-        # over seeds) still compiles once, since the scales are traced.
-        disturbances = hyper["disturbances"] if disturbed else None
-        new, metrics = one_step(train_state, batch, key, disturbances)
-        new_sums = {k: sums[k] + metrics[k] for k in sums}
-        new_state = {
-            "params": new.params,
-            "opt_state": new.opt_state,
-            "batch_stats": new.model_state,
-            "step": state["step"] + 1,
-        }
-        return new_state, new_sums
+        train_state, key, disturbances = inputs(state, hyper)
+        return finish(state, sums, *one_step(train_state, batch, key, disturbances))
 
     replicated = NamedSharding(mesh, P())
     batched = NamedSharding(mesh, P(BATCH_AXIS))
@@ -270,6 +300,52 @@ def _make_train_step(
         out_shardings=replicated,
         donate_argnums=(0, 1),
     )
+
+
+def _make_split_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+) -> Callable:
+    """:func:`make_train_step` for AE-SAM on CPU: the clean half and the decision in one
+    program, the update (with or without the second gradient) in one of two others."""
+    halves, inputs, finish = _step_parts(model, tx, config, mesh, split=True)
+    m = perturbation_microbatches(config, mesh.devices.size)
+
+    def clean(state, batch, hyper):
+        train_state, key, disturbances = inputs(state, hyper)
+        pass_ = halves.clean(train_state, batch, key, disturbances)
+        return pass_, plan_second_gradient(state["opt_state"], pass_.grads, num_microbatches=m)
+
+    def update(state, sums, batch, hyper, pass_, decision):
+        train_state, key, disturbances = inputs(state, hyper)
+        new, metrics = halves.update(
+            train_state, batch, pass_, key, disturbances, second_gradient=decision
+        )
+        return finish(state, sums, new, metrics)
+
+    replicated = NamedSharding(mesh, P())
+    batched = NamedSharding(mesh, P(BATCH_AXIS))
+    clean_program = jax.jit(
+        clean, in_shardings=(replicated, batched, replicated), out_shardings=replicated
+    )
+    update_programs = {
+        decision: jax.jit(
+            functools.partial(update, decision=decision),
+            in_shardings=(replicated, replicated, batched, replicated, replicated),
+            out_shardings=replicated,
+            donate_argnums=(0, 1),
+        )
+        for decision in (True, False)
+    }
+
+    def step(state, sums, batch, hyper):
+        pass_, decision = clean_program(state, batch, hyper)
+        # bool() waits for the clean program: the decision picks the next program.
+        return update_programs[bool(decision)](state, sums, batch, hyper, pass_)
+
+    return step
 
 
 # Jitted steps and predict functions of recent runs, so that runs of the same model and
