@@ -344,3 +344,35 @@ def test_bad_global_batch_is_a_clear_error():
         parallel.perturbation_microbatches("grouped", 8, 3)
     assert parallel.perturbation_microbatches("per_device", 8, None) == 8
     assert parallel.perturbation_microbatches("grouped", 8, 2) == 4
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_split_step_halves_compose_to_the_whole_step(num_microbatches):
+    # update(clean(...)) run as two programs == the one-program step: the same keys (gradient
+    # noise on both passes, parameter noise), micro-batches and metrics.
+    params, batch = init_params(), make_batches(1, 16)[0]
+    m = num_microbatches
+    sam = sharpjax.msam(RHO, num_microbatches=m) if m > 1 else sharpjax.sam(RHO)
+    tx = optax.chain(sam, sgd())
+    loss_fn, kwargs = parallel.stateless(mlp_loss), {"num_microbatches": m}
+    whole = jax.jit(parallel.make_train_step(loss_fn, tx, **kwargs))
+    halves = parallel.make_train_step(loss_fn, tx, split=True, **kwargs)
+    state = TrainState(params, {}, tx.init(params))
+    key, disturbances = jax.random.key(3), parallel.Disturbances(0.05, 1e-3, 0.0)
+    want, want_metrics = whole(state, batch, key, disturbances)
+    clean = jax.jit(halves.clean)(state, batch, key, disturbances)
+    got, metrics = jax.jit(halves.update)(state, batch, clean, key, disturbances)
+    # Two programs instead of one: float32 sums may round differently (≲ 1e-7 relative).
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+        np.testing.assert_allclose(metrics[k], want_metrics[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    noiseless, _ = jax.jit(halves.update)(
+        state, batch, jax.jit(halves.clean)(state, batch), key=None, disturbances=None
+    )
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(noiseless), strict=True)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+    assert gap > 1e-4  # the noise reached the halves
+    with pytest.raises(ValueError, match="With split=True the decision goes to the update half"):
+        parallel.make_train_step(loss_fn, tx, split=True, second_gradient=True)
