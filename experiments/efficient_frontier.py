@@ -172,11 +172,11 @@ def make_tables(config, runs, frontier=None, kept_gain=None) -> str:
         "the second gradient (SGD 1, SAM 2). *Measured time*: median training time of an "
         "epoch (epochs 2..; no evaluation, no compilation) divided by SGD's of the same seed; "
         "sequential runs on a shared machine, so noisy. *Share of SAM's gain*: (final "
-        "accuracy − SGD's) / (SAM's − SGD's), means over seeds. On XLA:CPU a conv net's "
-        "gradient inside `lax.cond` runs about 3x slower than the same gradient outside it "
-        "(7.3 vs 21.8 ms for a small CNN; 6.6 vs 7.9 ms for an MLP), so the variants that skip "
-        "the second gradient under `lax.cond` (LookSAM, RST, AE-SAM) measure slower than SAM "
-        "on this CPU despite fewer gradients.\n\n" + common.markdown_table(headers, rows)
+        "accuracy − SGD's) / (SAM's − SGD's), means over seeds. On CPU the trainer runs "
+        "LookSAM, RST and AE-SAM without `lax.cond` (the decision read on the host, one "
+        "program per decision), since XLA:CPU runs a conv gradient inside `lax.cond` many "
+        "times slower (experiments/bench_cond.py); the host round trip per step remains.\n\n"
+        + common.markdown_table(headers, rows)
     )
 
 
