@@ -9,7 +9,7 @@ every optimizer alike. The time per step is a window's mean, skipped second grad
 (LookSAM's k = 5 and RST's draws average out over a window of 10); we report the median over
 rounds and its ratio to SGD and to SAM. Per optimizer we also report the compile time of the
 step, XLA's temporary memory (``compiled.memory_analysis().temp_size_in_bytes``) and, for the
-efficient variants, the share of all steps run that took the second gradient.
+efficient variants, the share of the timed steps that took the second gradient.
 
 On XLA:CPU the efficient variants run without ``lax.cond``, since a conv gradient under it
 runs as a naive loop on XLA:CPU (``experiments/bench_cond.py``): LookSAM and RST, whose policy
@@ -282,21 +282,31 @@ def main(argv: list[str] | None = None) -> dict:
         runs[name][1:] = [params, state]
         return (time.perf_counter() - start) / args.window
 
+    def second_gradients(name):
+        """How many steps so far took the second gradient (None: not an efficient variant)."""
+        fraction = sharpjax.diagnostics(runs[name][2]).get("second_gradient_fraction")
+        return None if fraction is None else float(fraction) * steps_run[name]
+
+    steps_run = dict.fromkeys(runs, 0)
     for _ in range(args.warmup):
         for name in runs:
             call(name)
+            steps_run[name] += args.window
+    before = {name: second_gradients(name) for name in runs}
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name in runs:  # interleaved: one step of each, round-robin
             times[name].append(call(name))
+            steps_run[name] += args.window
 
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    # The efficient variants' share of steps that took the second gradient, over every step run.
-    fractions = {}
-    for name, (_, _, state) in runs.items():
-        fraction = sharpjax.diagnostics(state).get("second_gradient_fraction")
-        if fraction is not None:
-            fractions[name] = float(fraction)
+    # The efficient variants' share of the timed steps that took the second gradient (AE-SAM's
+    # changes along the run, so the warm-up's would mislead).
+    fractions = {
+        name: round((second_gradients(name) - before[name]) / (args.repeats * args.window), 4)
+        for name in runs
+        if before[name] is not None
+    }
     result = {
         "device": str(jax.devices()[0]),
         "platform": platform.platform(),
