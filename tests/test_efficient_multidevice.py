@@ -7,15 +7,10 @@ per-device modes; this module asserts on its JSON results.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_parallel import run_multidevice_script
+
 VARIANTS = ("rst", "ae_sam", "looksam")
 # float32 trajectories whose sums are split over devices: reordering only (~1e-7 per op).
 TOL = 2e-6
@@ -24,19 +19,7 @@ TOL = 2e-6
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("efficient") / "efficient_8dev.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets it
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice.efficient_8dev", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_multidevice_script("tests.multidevice.efficient_8dev", out)
 
 
 def test_devices_see_different_gradients(eight):

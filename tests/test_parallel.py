@@ -55,20 +55,26 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> dict:
-    """Runs every 8-device check once; returns their JSON results."""
-    out = tmp_path_factory.mktemp("parallel") / "checks_8dev.json"
+def run_multidevice_script(module: str, out: Path, timeout: int = SUBPROCESS_TIMEOUT_S) -> dict:
+    """Runs ``python -m module out`` (a script that forces its own CPU devices) from the repo
+    root; returns the JSON it wrote to ``out``, or fails with the end of its stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice.checks_8dev", str(out)],
+        [sys.executable, "-m", module, str(out)],
         cwd=REPO,
         env=_subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory) -> dict:
+    """Runs every 8-device check once; returns their JSON results."""
+    out = tmp_path_factory.mktemp("parallel") / "checks_8dev.json"
+    return run_multidevice_script("tests.multidevice.checks_8dev", out)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,13 +7,9 @@ the sharded and the one-device result relative to the result's largest magnitude
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.test_parallel import REPO, SUBPROCESS_TIMEOUT_S, _subprocess_env
+from tests.test_parallel import SUBPROCESS_TIMEOUT_S, run_multidevice_script
 
 # float32, sums over 64 examples reordered across 8 devices: two orders of one 64-term
 # reduction differ by ≲ 64 eps ≈ 8e-6 of its terms' scale (observed ~1e-7). Products and
@@ -46,16 +42,9 @@ TOLERANCES = {
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("measures") / "measures_8dev.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice.measures_8dev", str(out)],
-        cwd=REPO,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=2 * SUBPROCESS_TIMEOUT_S,
+    return run_multidevice_script(
+        "tests.multidevice.measures_8dev", out, timeout=2 * SUBPROCESS_TIMEOUT_S
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 def test_the_batch_is_sharded_and_the_program_all_reduces(eight):

@@ -10,14 +10,13 @@ the uninterrupted run (resume).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.test_parallel import REPO, _free_port, _subprocess_env
+from tests.test_parallel import REPO, _free_port, _subprocess_env, run_multidevice_script
 
 TIMEOUT_S = 420
 # float32: the 8-device program sums the batch in another order (≈1e-7 relative per sum); over
@@ -31,16 +30,7 @@ BF16_MARGIN = 0.02
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("trainer") / "trainer_8dev.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice.trainer_8dev", str(out)],
-        cwd=REPO,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_multidevice_script("tests.multidevice.trainer_8dev", out, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", ["bn", "augment", "accumulation"])
