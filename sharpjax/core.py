@@ -567,6 +567,16 @@ def sharpness_aware(
     def stacked(init):
         return (lambda p: jax.vmap(lambda _: init(p))(jnp.arange(m))) if micro else init
 
+    def _policy_init(params):
+        if policy is None:
+            return ()
+        state = policy.init(params)
+        # A plannable policy (sharpjax.efficient.PlannedPolicyState) computes ‖g‖² outside the
+        # step too, so it must know whether the gradients come stacked over micro-batches.
+        if micro and dataclasses.is_dataclass(state) and hasattr(state, "num_microbatches"):
+            state = dataclasses.replace(state, num_microbatches=m)
+        return state
+
     def init_fn(params):
         check_float_params(params)
         return SharpnessAwareState(
@@ -574,7 +584,7 @@ def sharpness_aware(
             perturbation_state=stacked(perturbation.init)(params),
             combination_state=stacked(combination.init)(params),
             diagnostics={name: jnp.zeros([], jnp.float32) for name in diagnostic_names},
-            policy_state=policy.init(params) if policy is not None else (),
+            policy_state=_policy_init(params),
             second_gradients=jnp.zeros([], jnp.int32),
         )
 

@@ -100,7 +100,7 @@ def _check_seed(seed: Any) -> None:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["state"],
-    meta_fields=["ahead", "needs_grad_sq"],
+    meta_fields=["ahead", "needs_grad_sq", "num_microbatches"],
 )
 @dataclasses.dataclass(frozen=True)
 class PlannedPolicyState:
@@ -111,13 +111,16 @@ class PlannedPolicyState:
     before ``tx.update``, so that a training loop can run one of two compiled programs
     (:func:`planned_step`) instead of a ``lax.cond``. LookSAM's and RST's policies decide from
     the state and the step count alone (``needs_grad_sq`` False: known before the step);
-    AE-SAM's needs this step's ‖g‖² (known once the clean gradient is). The leaves are
-    ``state``'s alone (checkpoints hold only them).
+    AE-SAM's needs this step's ‖g‖² (known once the clean gradient is). ``num_microbatches``
+    is set by :func:`sharpjax.core.sharpness_aware` (None, or m when the clean gradients come
+    stacked over m micro-batches), so that the plan computes ‖g‖² as the step does. The leaves
+    are ``state``'s alone (checkpoints hold only them).
     """
 
     state: Any
     ahead: Callable[[Any, jax.Array, jax.Array | None], jax.Array]
     needs_grad_sq: bool = False
+    num_microbatches: int | None = None
 
 
 def _planned(
@@ -136,7 +139,7 @@ def _planned(
 
     def planned_decide(sq, planned, count):
         take, state, diag = decide(sq, planned.state, count)
-        return take, wrap(state), diag
+        return take, dataclasses.replace(planned, state=state), diag
 
     return SecondGradientPolicy(lambda params: wrap(init(params)), planned_decide, diagnostics)
 
@@ -179,9 +182,7 @@ def random_policy(probability: ScalarOrSchedule, seed: int = 0) -> SecondGradien
     return _planned(_raw_key(seed), decide, needs_grad_sq=False, diagnostics=("probability",))
 
 
-def plan_second_gradient(
-    opt_state: Any, grads: Any = None, num_microbatches: int = 1
-) -> jax.Array | None:
+def plan_second_gradient(opt_state: Any, grads: Any = None) -> jax.Array | None:
     """The step's second-gradient decision, read from an optimizer state before ``tx.update``.
 
     ``opt_state`` is the state of a (chained) transformation holding one sharpjax
@@ -191,12 +192,13 @@ def plan_second_gradient(
 
     LookSAM's and RST's policies decide from the state alone: ``grads`` is not needed, and the
     decision is known before the step. AE-SAM's needs this step's ‖g‖²: pass ``grads``, the
-    clean gradient that ``tx.update`` will get (with ``num_microbatches=m`` for the stacked
-    gradients of m micro-batches); without them the result is None. None also when there is no
-    plannable policy, or several (one ``second_gradient`` cannot serve two). Works under
-    ``jax.jit`` on one device and under GSPMD (the gradient a global mean); not inside
-    ``pmap``/``shard_map``, where the policy averages ‖g‖² over the devices itself. For a
-    state whose leaves carry a leading device axis (``jax.pmap``), pass the first device's copy.
+    clean gradient that ``tx.update`` will get (stacked over the micro-batches for a
+    transformation built with ``num_microbatches``); without them the result is None. None also
+    when there is no plannable policy, or several (one ``second_gradient`` cannot serve two).
+    Works under ``jax.jit`` on one device and under GSPMD (the gradient a global mean); not
+    inside ``pmap``/``shard_map``, where the policy averages ‖g‖² over the devices itself. For
+    a state whose leaves carry a leading device axis (``jax.pmap``), pass the first device's
+    copy.
     """
     from sharpjax.core import SharpnessAwareState, find_states, grad_sq_norm
 
@@ -212,7 +214,17 @@ def plan_second_gradient(
     if planned.needs_grad_sq:
         if grads is None:
             return None
-        sq = grad_sq_norm(grads, micro=num_microbatches > 1)
+        m = planned.num_microbatches
+        if m is not None:
+            for leaf in jax.tree.leaves(grads):
+                if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != m:
+                    raise ValueError(
+                        f"plan_second_gradient: the transformation was built with "
+                        f"num_microbatches={m}, so grads must be the m clean gradients stacked "
+                        f"on axis 0 (as tx.update gets them); got a leaf of shape "
+                        f"{jnp.shape(leaf)}."
+                    )
+        sq = grad_sq_norm(grads, micro=m is not None)
     return jnp.asarray(planned.ahead(planned.state, count, sq), jnp.bool_)
 
 

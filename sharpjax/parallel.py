@@ -411,9 +411,10 @@ def make_train_step(
         (``sharpjax.efficient.planned_step`` picks between the two on the host).
       split: return the step in its two halves, a :class:`SplitTrainStep`, for a policy that
         decides from this step's clean gradient (AE-SAM) on a backend where ``lax.cond`` is
-        slow: run ``clean``, read the decision with ``sharpjax.efficient.plan_second_gradient(
-        opt_state, clean.grads, num_microbatches)``, then ``update(..., second_gradient=...)``
-        (each half jitted on its own; the trainer does this on CPU).
+        slow: run ``clean``, read the decision with
+        ``sharpjax.efficient.plan_second_gradient(opt_state, clean.grads)``, then
+        ``update(..., second_gradient=...)`` (each half jitted on its own; the trainer does
+        this on CPU).
 
     Returns:
       ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``. ``key`` (a JAX

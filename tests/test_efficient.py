@@ -545,13 +545,17 @@ def test_split_step_equals_the_in_step_decision(setup, num_microbatches):
 
     def clean(params, state, batch):
         grads, _ = gradients(params, batch)
-        return grads, efficient.plan_second_gradient(state, grads, num_microbatches=m)
+        return grads, efficient.plan_second_gradient(state, grads)
 
     in_step, clean = jax.jit(step), jax.jit(clean)
     update = jax.jit(step, static_argnames="second_gradient")
     p_cond = p_split = params
     s_cond = s_split = tx.init(params)
     assert efficient.plan_second_gradient(s_split) is None  # it needs the gradient
+    if m > 1:  # the state knows the gradients come stacked, and says so when they do not
+        flat_grads = jax.grad(batch_loss)(params, batches[0])
+        with pytest.raises(ValueError, match="num_microbatches=2, so grads must be the m clean"):
+            efficient.plan_second_gradient(s_split, flat_grads)
     took = []
     for batch in batches:
         p_cond, s_cond = in_step(p_cond, s_cond, batch)

@@ -311,12 +311,11 @@ def _make_split_train_step(
     """:func:`make_train_step` for AE-SAM on CPU: the clean half and the decision in one
     program, the update (with or without the second gradient) in one of two others."""
     halves, inputs, finish = _step_parts(model, tx, config, mesh, split=True)
-    m = perturbation_microbatches(config, mesh.devices.size)
 
     def clean(state, batch, hyper):
         train_state, key, disturbances = inputs(state, hyper)
         pass_ = halves.clean(train_state, batch, key, disturbances)
-        return pass_, plan_second_gradient(state["opt_state"], pass_.grads, num_microbatches=m)
+        return pass_, plan_second_gradient(state["opt_state"], pass_.grads)
 
     def update(state, sums, batch, hyper, pass_, decision):
         train_state, key, disturbances = inputs(state, hyper)
