@@ -36,10 +36,12 @@ def setup():
     return params, batches
 
 
-def run(tx, params, batches, *, jit=True, with_examples=False, counter=None):
-    """Trains with tx chained before heavy-ball SGD; returns flat params and diagnostics."""
-    tx = optax.chain(tx, optax.sgd(LR, momentum=MOMENTUM))
-    state = tx.init(params)
+def make_step(tx, *, with_examples=False, counter=None, second_gradient=None):
+    """The unjitted step ``(params, state, batch) -> (params, state)`` of the chained ``tx``:
+    the clean gradient, then ``tx.update`` with ``grad_fn`` (``example_loss_fn`` with
+    ``with_examples``; ``second_gradient`` passed on when given). ``counter`` gets one entry
+    per ``grad_fn`` call, through a host callback."""
+    planned = {} if second_gradient is None else {"second_gradient": second_gradient}
 
     def step(params, state, batch):
         x, y = batch
@@ -59,9 +61,17 @@ def run(tx, params, batches, *, jit=True, with_examples=False, counter=None):
                 return example_losses(p, x[indices], y[indices])
 
             extra = {"example_loss_fn": example_loss_fn}
-        updates, state = tx.update(grads, state, params, **extra)
+        updates, state = tx.update(grads, state, params, **extra, **planned)
         return optax.apply_updates(params, updates), state
 
+    return step
+
+
+def run(tx, params, batches, *, jit=True, with_examples=False, counter=None):
+    """Trains with tx chained before heavy-ball SGD; returns flat params and diagnostics."""
+    tx = optax.chain(tx, optax.sgd(LR, momentum=MOMENTUM))
+    state = tx.init(params)
+    step = make_step(tx, with_examples=with_examples, counter=counter)
     step = jax.jit(step) if jit else step
     trajectory, diags = [], []
     for batch in batches:
@@ -463,26 +473,11 @@ def run_planned(tx, params, batches, counter=None):
     state = tx.init(params)
     built = []
 
-    def make_step(second_gradient):
+    def build(second_gradient):
         built.append(second_gradient)
+        return jax.jit(make_step(tx, counter=counter, second_gradient=second_gradient))
 
-        def step(params, state, batch):
-            x, y = batch
-            grads = jax.grad(mean_loss)(params, x, y)
-
-            def grad_fn(p):
-                if counter is not None:
-                    jax.debug.callback(lambda: counter.append(1))
-                return jax.grad(mean_loss)(p, x, y)
-
-            updates, state = tx.update(
-                grads, state, params, grad_fn=grad_fn, second_gradient=second_gradient
-            )
-            return optax.apply_updates(params, updates), state
-
-        return jax.jit(step)
-
-    step = efficient.planned_step(make_step, lambda params, state, batch: state)
+    step = efficient.planned_step(build, lambda params, state, batch: state)
     trajectory, plans, diags = [], [], []
     for batch in batches:
         plans.append(bool(efficient.plan_second_gradient(state)))
