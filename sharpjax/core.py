@@ -39,6 +39,7 @@ the value used is reported in the diagnostics (``rho``, SANER's ``alpha``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -274,6 +275,32 @@ class SecondGradientPolicy:
     init: Callable[[Any], Any]
     decide: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any, dict[str, jax.Array]]]
     diagnostics: tuple[str, ...] = ()
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["state"],
+    meta_fields=["ahead", "needs_grad_sq", "num_microbatches"],
+)
+@dataclasses.dataclass(frozen=True)
+class PlannedPolicyState:
+    """The state of a policy whose decision can be read before the update.
+
+    ``ahead(state, count, grad_sq) -> take`` is static (pytree metadata):
+    :func:`sharpjax.efficient.plan_second_gradient` finds it in an optimizer state and gives
+    the step's decision before ``tx.update``, so that a training loop can run one of two
+    compiled programs (:func:`sharpjax.efficient.planned_step`) instead of a ``lax.cond``.
+    LookSAM's and RST's policies decide from the state and the step count alone
+    (``needs_grad_sq`` False: known before the step); AE-SAM's needs this step's ‖g‖² (known
+    once the clean gradient is). ``num_microbatches`` is set by :func:`sharpness_aware` (None,
+    or m when the clean gradients come stacked over m micro-batches), so that the plan computes
+    ‖g‖² as the step does. The leaves are ``state``'s alone (checkpoints hold only them).
+    """
+
+    state: Any
+    ahead: Callable[[Any, jax.Array, jax.Array | None], jax.Array]
+    needs_grad_sq: bool = False
+    num_microbatches: int | None = None
 
 
 def _no_state(params: Any) -> tuple:
@@ -571,9 +598,9 @@ def sharpness_aware(
         if policy is None:
             return ()
         state = policy.init(params)
-        # A plannable policy (sharpjax.efficient.PlannedPolicyState) computes ‖g‖² outside the
-        # step too, so it must know whether the gradients come stacked over micro-batches.
-        if micro and dataclasses.is_dataclass(state) and hasattr(state, "num_microbatches"):
+        # A plannable policy computes ‖g‖² outside the step too, so it must know whether the
+        # gradients come stacked over micro-batches.
+        if micro and isinstance(state, PlannedPolicyState):
             state = dataclasses.replace(state, num_microbatches=m)
         return state
 

@@ -34,7 +34,6 @@ Sources and equations: the project's ``docs/algorithms.md``; each constructor's 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,11 +46,15 @@ from sharpjax.core import (
     NORM_EPS,
     CombinationRule,
     PerturbationRule,
+    PlannedPolicyState,
     ScalarOrSchedule,
     SecondGradientPolicy,
+    SharpnessAwareState,
     check_scalar_or_schedule,
     compute_dtype,
     evaluate,
+    find_states,
+    grad_sq_norm,
     sharpness_aware,
     tree_norm,
     tree_vdot,
@@ -95,32 +98,6 @@ def _check_seed(seed: Any) -> None:
 # --------------------------------------------------------------------------------------
 # Policies.
 # --------------------------------------------------------------------------------------
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["state"],
-    meta_fields=["ahead", "needs_grad_sq", "num_microbatches"],
-)
-@dataclasses.dataclass(frozen=True)
-class PlannedPolicyState:
-    """The state of a policy whose decision can be read before the update.
-
-    ``ahead(state, count, grad_sq) -> take`` is static (pytree metadata):
-    :func:`plan_second_gradient` finds it in an optimizer state and gives the step's decision
-    before ``tx.update``, so that a training loop can run one of two compiled programs
-    (:func:`planned_step`) instead of a ``lax.cond``. LookSAM's and RST's policies decide from
-    the state and the step count alone (``needs_grad_sq`` False: known before the step);
-    AE-SAM's needs this step's ‖g‖² (known once the clean gradient is). ``num_microbatches``
-    is set by :func:`sharpjax.core.sharpness_aware` (None, or m when the clean gradients come
-    stacked over m micro-batches), so that the plan computes ‖g‖² as the step does. The leaves
-    are ``state``'s alone (checkpoints hold only them).
-    """
-
-    state: Any
-    ahead: Callable[[Any, jax.Array, jax.Array | None], jax.Array]
-    needs_grad_sq: bool = False
-    num_microbatches: int | None = None
 
 
 def _planned(
@@ -200,8 +177,6 @@ def plan_second_gradient(opt_state: Any, grads: Any = None) -> jax.Array | None:
     a state whose leaves carry a leading device axis (``jax.pmap``), pass the first device's
     copy.
     """
-    from sharpjax.core import SharpnessAwareState, find_states, grad_sq_norm
-
     found = [
         node
         for node in find_states(opt_state, lambda n: isinstance(n, SharpnessAwareState))
