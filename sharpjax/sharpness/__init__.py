@@ -28,8 +28,12 @@ devices at a time (the measure then runs one jitted call per batch and product).
 """
 
 from sharpjax.sharpness.adaptive import AdaptiveSharpnessResult, adaptive_sharpness
-from sharpjax.sharpness.curvature import fisher_vector_product, ggn_vector_product
-from sharpjax.sharpness.diagonal import SoftmaxCrossEntropy, hessian_diagonal
+from sharpjax.sharpness.curvature import (
+    SoftmaxCrossEntropy,
+    fisher_vector_product,
+    ggn_vector_product,
+)
+from sharpjax.sharpness.diagonal import hessian_diagonal
 from sharpjax.sharpness.hvp import TraceEstimate, hessian_trace, hvp
 from sharpjax.sharpness.lanczos import spectral_density, top_eigenvalues
 from sharpjax.sharpness.landscape import (

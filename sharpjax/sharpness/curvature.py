@@ -40,6 +40,22 @@ PyTree = Any
 CURVATURES = ("hessian", "ggn", "fisher")
 
 
+@dataclass(frozen=True)
+class SoftmaxCrossEntropy:
+    """``loss(params, (x, y))``: mean softmax cross-entropy of ``logits_fn(params, x)``.
+
+    A frozen dataclass rather than a closure so that equal ``logits_fn`` give equal (hashable)
+    losses and jit caches are shared across calls.
+    """
+
+    logits_fn: Callable
+
+    def __call__(self, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x, y = batch
+        log_p = jax.nn.log_softmax(self.logits_fn(params, x))
+        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
+
+
 def hvp_rows(loss: Callable, params: PyTree, V: jax.Array) -> jax.Array:
     """Rows of ``V @ H`` for flat probes ``V`` of shape ``(m, d)``, forward-over-reverse.
 
@@ -121,8 +137,6 @@ def check_curvature(curvature: str, loss_fn: Callable, batches: Iterable | None)
     choice("curvature", curvature, CURVATURES)
     if curvature == "hessian":
         return curvature
-    from sharpjax.sharpness.diagonal import SoftmaxCrossEntropy  # diagonal imports this module
-
     if not isinstance(loss_fn, SoftmaxCrossEntropy) or batches is None:
         raise TypeError(
             f'curvature="{curvature}" is defined for the softmax cross-entropy of a logits '
@@ -187,8 +201,6 @@ def block_subtree(params: PyTree, block: Block) -> PyTree:
 
 
 def _vector_product(curvature, logits_fn, params, v, batch):
-    from sharpjax.sharpness.diagonal import SoftmaxCrossEntropy
-
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
     if jax.tree.structure(v) != jax.tree.structure(params):

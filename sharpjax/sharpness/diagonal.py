@@ -1,7 +1,6 @@
 """Hessian diagonal of the mean softmax cross-entropy: exact (per-example GGN) or Hutchinson."""
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -16,9 +15,11 @@ from sharpjax.sharpness._batches import (
     weighted_mean,
 )
 from sharpjax.sharpness._validate import choice, positive_int, require_key
-from sharpjax.sharpness.hvp import hvp_rows
+from sharpjax.sharpness.curvature import SoftmaxCrossEntropy, hvp_rows
 
 PyTree = Any
+
+__all__ = ["SoftmaxCrossEntropy", "hessian_diagonal"]  # the loss lives in curvature
 
 # Examples per vectorised step of the exact diagonal, which holds chunk × K × #params entries
 # of per-example class gradients. Squaring and summing them is memory-bound: a chunk that fits
@@ -37,22 +38,6 @@ def example_chunk(entries_per_example: int) -> int:
     """Examples per step: cache-sized, at least ``MIN_EXAMPLE_CHUNK``, within the memory cap."""
     chunk = max(MIN_EXAMPLE_CHUNK, EXAMPLE_CHUNK_ENTRIES // entries_per_example)
     return max(1, min(chunk, MAX_CHUNK_ENTRIES // entries_per_example))
-
-
-@dataclass(frozen=True)
-class SoftmaxCrossEntropy:
-    """``loss(params, (x, y))``: mean softmax cross-entropy of ``logits_fn(params, x)``.
-
-    A frozen dataclass rather than a closure so that equal ``logits_fn`` give equal (hashable)
-    losses and jit caches are shared across calls.
-    """
-
-    logits_fn: Callable
-
-    def __call__(self, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x, y = batch
-        log_p = jax.nn.log_softmax(self.logits_fn(params, x))
-        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
 
 
 def _chunked_sum(fn: Callable, xs: jax.Array, chunk: int) -> PyTree:
