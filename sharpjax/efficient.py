@@ -34,6 +34,7 @@ Sources and equations: the project's ``docs/algorithms.md``; each constructor's 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,6 +51,7 @@ from sharpjax.core import (
     ScalarOrSchedule,
     SecondGradientPolicy,
     SharpnessAwareState,
+    check_constant,
     check_scalar_or_schedule,
     compute_dtype,
     evaluate,
@@ -388,8 +390,10 @@ def stochastic_perturbation(beta: float = 0.6, seed: int = 0) -> PerturbationRul
 
     ``ε = (m ⊙ ρ g/‖g‖) / β`` with ``m`` an elementwise Bernoulli(β) mask drawn afresh each
     step, so that E[ε] is SAM's ε. β = 1 is SAM. The key is in the rule's state (each
-    device, and each micro-batch, draws from the same key).
+    device, and each micro-batch, draws from the same key). β is a constant (not a schedule);
+    a traced β (``optax.inject_hyperparams``) is clamped into (0, 1] at run time.
     """
+    check_constant("beta", beta)
     check_scalar_or_schedule("beta", beta, 0.0, 1.0, open_low=True)
     _check_seed(seed)
 
@@ -398,10 +402,11 @@ def stochastic_perturbation(beta: float = 0.6, seed: int = 0) -> PerturbationRul
         key, draw = jax.random.split(jax.random.wrap_key_data(raw))
         leaves, treedef = jax.tree.flatten(g)
         keys = jax.random.split(draw, max(len(leaves), 1))
-        factor = rho / (tree_norm(g) + NORM_EPS) / beta
+        beta_t = jnp.clip(beta, jnp.finfo(jnp.float32).tiny, 1.0)
+        factor = rho / (tree_norm(g) + NORM_EPS) / beta_t
 
         def leaf(x, k):
-            keep = jax.random.uniform(k, jnp.shape(x)) < beta
+            keep = jax.random.uniform(k, jnp.shape(x)) < beta_t
             y = x.astype(compute_dtype(x))
             return jnp.where(keep, factor * y, 0.0).astype(x.dtype)
 
@@ -536,6 +541,23 @@ _ESAM_CALL = (
 )
 
 
+def _check_example_loss_fn(fn: Callable) -> None:
+    """Raises a TypeError when ``fn`` cannot be called as ``fn(params)`` and ``fn(params, idx)``."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call tell
+        return
+    for args in ((None,), (None, None)):
+        try:
+            signature.bind(*args)
+        except TypeError as err:
+            raise TypeError(
+                f"example_loss_fn{signature} cannot be called with {len(args)} positional "
+                f"argument(s) ({err}): ESAM calls example_loss_fn(params) for the whole batch "
+                f"and example_loss_fn(params, indices) for the selected rows. {_ESAM_CALL}"
+            ) from None
+
+
 def esam(
     rho: ScalarOrSchedule = 0.05,
     beta: float = 0.6,
@@ -563,11 +585,22 @@ def esam(
     indices=None)`` returning the per-example losses of the batch (of the rows ``indices``,
     an int32 array, when given), and optionally ``example_losses``, the clean per-example
     losses the training step already has (recomputed with a forward pass when absent). With
-    γ = 1, ``grad_fn``/``value_and_grad_fn`` work as for :func:`sharpjax.sam` instead. The
-    diagnostics' ``perturbed_loss`` is the batch mean at ``w + ε`` and ``loss`` the clean
-    mean. Not with ``num_microbatches`` (the selection is over the whole batch).
+    γ = 1, ``grad_fn``/``value_and_grad_fn`` work as for :func:`sharpjax.sam` instead (one or
+    the other: both is an error). The diagnostics' ``perturbed_loss`` is the batch mean at
+    ``w + ε`` and ``loss`` the clean mean. Not with ``num_microbatches`` (the selection is over
+    the whole batch). β and γ are constants, not schedules; γ fixes how many rows the second
+    gradient sees (a static shape), so it must be a concrete number.
     """
+    check_constant("gamma", gamma)
     check_scalar_or_schedule("gamma", gamma, 0.0, 1.0, open_low=True)
+    try:
+        gamma = float(gamma)
+    except TypeError as err:  # a tracer: optax.inject_hyperparams without static_args
+        raise TypeError(
+            "esam's gamma must be a concrete number: it fixes how many rows the second "
+            "gradient sees, a static shape (under optax.inject_hyperparams pass "
+            "static_args=('gamma',))."
+        ) from err
     inner = sharpness_aware(
         stochastic_perturbation(beta, seed),
         combination,
@@ -594,8 +627,15 @@ def esam(
             return inner.update(updates, state, params, loss=loss, **extra)
         if not callable(example_loss_fn):
             raise TypeError(f"example_loss_fn must be callable. {_ESAM_CALL}")
-        extra.pop("grad_fn", None)
-        extra.pop("value_and_grad_fn", None)
+        given = [name for name in ("grad_fn", "value_and_grad_fn") if name in extra]
+        if given:
+            raise TypeError(
+                f"esam got both example_loss_fn and {given[0]}: the second gradient comes from "
+                f"example_loss_fn (on the selected rows), so {given[0]} would be ignored. Pass "
+                f"only example_loss_fn (with gamma = 1, {given[0]} alone also works)."
+            )
+        if gamma < 1.0:
+            _check_example_loss_fn(example_loss_fn)
 
         def mean_loss(p, indices=None):
             losses = example_loss_fn(p) if indices is None else example_loss_fn(p, indices)
@@ -641,10 +681,13 @@ def esam(
 
 
 class MomentumSamState(NamedTuple):
-    """Momentum-SAM's state: the step count, the momentum ``v`` and the last diagnostics."""
+    """Momentum-SAM's state: the step count, the momentum ``v``, the ρ by which the params
+    the loop holds are offset from the true weights (read by :func:`momentum_sam_weights`),
+    and the last diagnostics."""
 
     count: jax.Array
     velocity: Any
+    rho: jax.Array
     diagnostics: dict[str, jax.Array]
 
 
@@ -671,7 +714,10 @@ def momentum_sam(
     (``optax.chain(optax.add_decayed_weights(wd), momentum_sam(lr))``) and is then taken at
     ``w̃``. Defaults μ = 0.9, ρ = 0.3 (the paper's ρ for ResNets on CIFAR with SGD is of order
     0.3 to 3, larger than SAM's since −v̂ is a weaker ascent direction). ρ = 0 is SGD with
-    momentum. Reports ``grad_norm``, ``velocity_norm`` and ``rho``.
+    momentum. ``learning_rate``, ``momentum`` and ``rho`` may be floats, schedules or traced
+    values (``optax.inject_hyperparams``); a traced value outside its range is clamped into it
+    (μ into [0, 1], η and ρ to ≥ 0). Reports ``grad_norm``, ``velocity_norm`` and the ``rho``
+    and ``momentum`` used.
     """
     check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
     check_scalar_or_schedule("momentum", momentum, 0.0, 1.0)
@@ -679,9 +725,12 @@ def momentum_sam(
 
     def init_fn(params):
         velocity = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
-        names = ("grad_norm", "velocity_norm", "rho")
+        names = ("grad_norm", "velocity_norm", "rho", "momentum")
         return MomentumSamState(
-            jnp.zeros([], jnp.int32), velocity, {n: jnp.zeros([], jnp.float32) for n in names}
+            jnp.zeros([], jnp.int32),
+            velocity,
+            jnp.zeros([], jnp.float32),
+            {n: jnp.zeros([], jnp.float32) for n in names},
         )
 
     def update_fn(updates, state, params=None):
@@ -690,8 +739,9 @@ def momentum_sam(
         lr = evaluate(learning_rate, count, 0.0)
         rho_now = evaluate(rho, count, 0.0)
         rho_next = evaluate(rho, optax.safe_increment(count), 0.0)
+        mu = evaluate(momentum, count, 0.0, 1.0)
         old = state.velocity
-        new = jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype), old, updates)
+        new = jax.tree.map(lambda v, g: (mu * v + g).astype(v.dtype), old, updates)
         old_norm, new_norm = tree_norm(old), tree_norm(new)
         # w̃_{t+1} − w̃_t = ρ v̂_t − η v_{t+1} − ρ' v̂_{t+1}
         back = rho_now / (old_norm + NORM_EPS)
@@ -699,9 +749,16 @@ def momentum_sam(
         out = jax.tree.map(
             lambda v0, v1, g: (back * v0 - lr * v1 - ahead * v1).astype(g.dtype), old, new, updates
         )
-        diag = {"grad_norm": tree_norm(updates), "velocity_norm": new_norm, "rho": rho_next}
+        diag = {
+            "grad_norm": tree_norm(updates),
+            "velocity_norm": new_norm,
+            "rho": rho_next,
+            "momentum": mu,
+        }
         diag = {k: jnp.asarray(v, jnp.float32) for k, v in diag.items()}
-        fresh = MomentumSamState(optax.safe_increment(count), new, diag)
+        # The ρ of the params the loop will hold (w̃_{t+1} = w_{t+1} − ρ_{t+1} v̂_{t+1}).
+        held_rho = jnp.asarray(rho_next, jnp.float32)
+        fresh = MomentumSamState(optax.safe_increment(count), new, held_rho, diag)
         finite = jnp.isfinite(new_norm)
         # A non-finite gradient leaves the momentum as it was (the output carries it on).
         kept = jax.tree.map(
@@ -712,33 +769,22 @@ def momentum_sam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def momentum_sam_weights(params: Any, opt_state: Any, rho: ScalarOrSchedule = 0.3) -> Any:
-    """The true weights ``w_t = w̃_t + ρ v̂_t`` from the params a Momentum-SAM loop holds.
+def momentum_sam_weights(params: Any, opt_state: Any) -> Any:
+    """The true weights ``w_t = w̃_t + ρ_t v̂_t`` from the params a Momentum-SAM loop holds.
 
     ``opt_state`` is the optimizer's state (a chain is searched for the
-    :class:`MomentumSamState`); ``rho`` must be the one given to :func:`momentum_sam`.
+    :class:`MomentumSamState`); ``ρ_t`` is read from it (the value :func:`momentum_sam` used
+    for these params, schedules and injected values included), so it cannot disagree with
+    the optimizer's.
     """
-    found = []
-
-    def visit(node):
-        if isinstance(node, MomentumSamState):
-            found.append(node)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-        elif isinstance(node, list | tuple):
-            for child in node:
-                visit(child)
-
-    visit(opt_state)
+    found = find_states(opt_state, lambda node: isinstance(node, MomentumSamState))
     if len(found) != 1:
         raise ValueError(
             f"momentum_sam_weights needs the state of exactly one momentum_sam in opt_state, "
             f"found {len(found)}."
         )
     state = found[0]
-    rho_t = evaluate(rho, state.count, 0.0)
-    scale = rho_t / (tree_norm(state.velocity) + NORM_EPS)
+    scale = state.rho / (tree_norm(state.velocity) + NORM_EPS)
     return jax.tree.map(
         lambda w, v: (w.astype(v.dtype) + scale * v).astype(w.dtype), params, state.velocity
     )

@@ -255,6 +255,28 @@ def test_ae_sam_threshold_targets_the_fraction():
     assert float(schedule(100)) == pytest.approx(-1.0)
 
 
+def test_adaptive_policy_statistics_by_hand():
+    """AE-SAM's μ, σ², z-score and decision against values worked out by hand, at δ = 0.8
+    (so δ and 1 − δ differ) and on a spread where σ and σ² differ (c σ < x − μ < c σ²)."""
+    delta, c = 0.8, 1.5
+    policy = efficient.adaptive_policy(c, delta)
+    xs = [1.0, 6.0, 2.0, 12.0]
+    # μ_t = 0.8 μ_{t−1} + 0.2 x_t,  σ²_t = 0.8 σ²_{t−1} + 0.2 (x_t − μ_t)²,  μ_0 = x_0, σ_0 = 0
+    means = [1.0, 0.8 * 1 + 0.2 * 6, 0.8 * 2 + 0.2 * 2, 0.8 * 2 + 0.2 * 12]  # 1, 2, 2, 4
+    variances = [0.0, 0.2 * 4**2, 0.8 * 3.2, 0.8 * 2.56 + 0.2 * 8**2]  # 0, 3.2, 2.56, 14.848
+    zscores = [0.0, 4 / math.sqrt(3.2), 0.0, 8 / math.sqrt(14.848)]  # (x − μ)/σ
+    # x ≥ μ + 1.5 σ: 1 ≥ 1; 6 ≥ 2 + 2.68 (not ≥ 2 + 1.5·3.2); 2 < 2 + 2.4; 12 ≥ 4 + 5.78
+    takes = [True, True, False, True]
+    state = policy.init(None)
+    for t, x in enumerate(xs):
+        take, state, diag = policy.decide(jnp.float32(x), state, jnp.int32(t))
+        assert bool(take) == takes[t], t
+        np.testing.assert_allclose(float(state.state.mean), means[t], rtol=1e-6)
+        np.testing.assert_allclose(float(state.state.var), variances[t], rtol=1e-6)
+        np.testing.assert_allclose(float(diag["grad_sq_zscore"]), zscores[t], rtol=1e-5)
+        assert float(diag["threshold"]) == c
+
+
 def test_adaptive_policy_admits_about_the_target_fraction():
     """On i.i.d. normal ‖g‖², the EMA policy takes SAM on roughly the targeted fraction."""
     policy = efficient.adaptive_policy(efficient.ae_sam_threshold(0.3), delta=0.99)
@@ -347,24 +369,52 @@ def test_stochastic_perturbation_masks_and_rescales(setup):
 # --------------------------------------------------------------------------------------
 
 
-def test_momentum_sam_equals_its_equation(setup):
+@pytest.mark.parametrize("schedules", [False, True])
+def test_momentum_sam_equals_its_equation(setup, schedules):
+    """With constants, and with ρ_t and μ_t schedules (the true weights then need ρ_{t+1},
+    which momentum_sam_weights reads from the state)."""
     params, batches = setup
-    rho = 0.2
+    rho_t = (lambda t: 0.1 + 0.05 * t) if schedules else (lambda t: 0.2)
+    mu_t = (lambda t: 0.5 + 0.05 * t) if schedules else (lambda t: MOMENTUM)
     w, _, grad = flat_loss_grad(params)
     v = jnp.zeros_like(w)
-    tx = efficient.momentum_sam(LR, MOMENTUM, rho)
+    if schedules:
+        tx = efficient.momentum_sam(
+            LR, optax.linear_schedule(0.5, 1.0, 10), optax.linear_schedule(0.1, 0.6, 10)
+        )
+    else:
+        tx = efficient.momentum_sam(LR, MOMENTUM, 0.2)
     held, state = params, tx.init(params)
-    for batch in batches:
+    for t, batch in enumerate(batches):
         v_hat = v / jnp.linalg.norm(v) if float(jnp.linalg.norm(v)) > 0 else v
-        g = grad(w - rho * v_hat, batch)
-        v = MOMENTUM * v + g
+        g = grad(w - rho_t(t) * v_hat, batch)
+        v = mu_t(t) * v + g
         w = w - LR * v
         # The loop holds the perturbed weights and takes its one gradient there.
         updates, state = tx.update(jax.grad(mean_loss)(held, *batch), state, held)
         held = optax.apply_updates(held, updates)
-        np.testing.assert_allclose(ravel_pytree(held)[0], w - rho * v / jnp.linalg.norm(v), **TOL)
-        true = efficient.momentum_sam_weights(held, state, rho)
+        np.testing.assert_allclose(
+            ravel_pytree(held)[0], w - rho_t(t + 1) * v / jnp.linalg.norm(v), **TOL
+        )
+        true = efficient.momentum_sam_weights(held, state)
         np.testing.assert_allclose(ravel_pytree(true)[0], w, **TOL)
+        assert float(sharpjax.diagnostics(state)["momentum"]) == pytest.approx(mu_t(t))
+
+
+def test_momentum_sam_clamps_an_injected_momentum(setup):
+    """μ = 1.5 injected at run time is used as 1 (its range's end) and reported so."""
+    params, batches = setup
+    tx = optax.inject_hyperparams(efficient.momentum_sam)(learning_rate=LR, momentum=0.5, rho=0.0)
+    state = tx.init(params)
+    state.hyperparams["momentum"] = jnp.asarray(1.5)
+    g = jax.grad(mean_loss)(params, *batches[0])
+    step = jax.jit(lambda s: tx.update(g, s, params))
+    _, state = step(state)
+    updates, state = step(state)
+    # ρ = 0: heavy ball, v₁ = g, v₂ = μ v₁ + g = 2g at μ = 1; the update is −η v₂.
+    want = jax.tree.map(lambda x: -LR * 2.0 * x, g)
+    np.testing.assert_allclose(ravel_pytree(updates)[0], ravel_pytree(want)[0], **TOL)
+    assert float(sharpjax.diagnostics(state)["momentum"]) == 1.0
 
 
 def test_momentum_sam_with_rho_0_is_heavy_ball(setup):
@@ -427,12 +477,34 @@ def test_diagnostics_report_fraction_and_policy_values(setup):
         (lambda: efficient.esam(beta=0.0), "beta must"),
         (lambda: efficient.esam(gamma=1.5), "gamma must"),
         (lambda: efficient.momentum_sam(0.1, momentum=-0.1), "momentum must"),
+        (lambda: efficient.esam(beta=optax.linear_schedule(0.5, 1.0, 9)), "beta must be a nu"),
+        (lambda: efficient.esam(gamma=optax.linear_schedule(0.5, 1.0, 9)), "gamma must be a"),
         (lambda: efficient.grst_schedule(0), "total_steps must"),
     ],
 )
 def test_bad_input_raises(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_esam_refuses_grad_fn_beside_example_loss_fn(setup, gamma):
+    params, batches = setup
+    x, y = batches[0]
+    tx = efficient.esam(RHO, 1.0, gamma)
+    g = jax.grad(mean_loss)(params, x, y)
+    example_loss_fn = lambda p, indices=None: example_losses(p, x, y)
+    with pytest.raises(TypeError, match="both example_loss_fn and grad_fn"):
+        tx.update(g, tx.init(params), params, example_loss_fn=example_loss_fn, grad_fn=lambda p: g)
+
+
+def test_esam_example_loss_fn_without_indices_says_how(setup):
+    params, batches = setup
+    x, y = batches[0]
+    tx = efficient.esam(RHO, 1.0, 0.5)
+    g = jax.grad(mean_loss)(params, x, y)
+    with pytest.raises(TypeError, match=r"example_loss_fn\(p\) cannot be called with 2 .*indices"):
+        tx.update(g, tx.init(params), params, example_loss_fn=lambda p: example_losses(p, x, y))
 
 
 def test_esam_without_example_losses_says_how(setup):
