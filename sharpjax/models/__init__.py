@@ -5,6 +5,13 @@ precision) with ``param_dtype`` float32 parameters, and return float32 logits. B
 models (``resnet18``, ``wrn*``) use running averages when ``train=False``, return updated
 ``batch_stats`` when applied with ``mutable=["batch_stats"]`` in train mode, and take
 ``bn_axis_name`` for cross-device statistics.
+
+Transformers: ``vit_micro``/``vit_ti``/``vit_s``/``vit_b`` read images ``(B, H, W, C)``;
+``transformer_tiny``/``transformer_small``/``transformer_1b`` read int tokens ``(B, T)`` and
+return the last position's logits ``(B, num_classes)`` (``all_positions=True``: every
+position's). Their parameters carry flax logical partitioning annotations: ``model.init``
+returns boxed params; :mod:`sharpjax.models.partitioning` turns them into mesh PartitionSpecs
+and plain arrays (``partitioning.unbox``). ``apply`` takes boxed or plain params alike.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import flax.linen as nn
 from sharpjax.models.cnn import CNN1D, LeNet
 from sharpjax.models.mlp import MLP
 from sharpjax.models.resnet import ResNet, ResNet18
+from sharpjax.models.transformer import TRANSFORMER_CONFIGS, Decoder
+from sharpjax.models.vit import VIT_CONFIGS, ViT
 from sharpjax.models.wide_resnet import WideResNet
 
 # name → (constructor, default keyword arguments); kwargs passed to get_model override these.
@@ -27,6 +36,8 @@ _REGISTRY: dict[str, tuple[Any, dict[str, Any]]] = {
     "resnet34": (ResNet, {"stage_sizes": (3, 4, 6, 3)}),
     "wrn16_8": (WideResNet, {"depth": 16, "widen_factor": 8}),
     "wrn28_10": (WideResNet, {"depth": 28, "widen_factor": 10}),
+    **{name: (ViT, fields) for name, fields in VIT_CONFIGS.items()},
+    **{name: (Decoder, fields) for name, fields in TRANSFORMER_CONFIGS.items()},
 }
 MODELS = tuple(_REGISTRY)
 
@@ -49,4 +60,15 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return cls(num_classes=num_classes, **{**defaults, **kwargs})
 
 
-__all__ = ["CNN1D", "MLP", "MODELS", "LeNet", "ResNet", "ResNet18", "WideResNet", "get_model"]
+__all__ = [
+    "CNN1D",
+    "MLP",
+    "MODELS",
+    "Decoder",
+    "LeNet",
+    "ResNet",
+    "ResNet18",
+    "ViT",
+    "WideResNet",
+    "get_model",
+]

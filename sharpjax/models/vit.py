@@ -1,0 +1,146 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021, "An image is worth 16x16 words").
+
+``image (B, H, W, C)`` → patch embedding (a ``patch_size`` × ``patch_size`` conv with stride
+``patch_size``: one linear map per non-overlapping patch) → prepend a learned class token → add
+learned position embeddings → ``depth`` pre-LN blocks (:class:`~sharpjax.models.transformer.Block`)
+→ final LayerNorm → the class token's features → a linear head → float32 logits.
+
+Pooling: the **class token**, as in ViT and DeiT, so that ``vit_ti``/``vit_s``/``vit_b`` at
+224 px with 1000 classes have exactly the published parameter counts (5,717,416 / 22,050,664 /
+86,567,656, e.g. timm's ``vit_*_patch16_224``) and the sharpness results on ViTs (Chen et al.,
+ICLR 2022, "When vision transformers outperform ResNets without pre-training or strong data
+augmentations") are for this architecture. ``pool="gap"`` (global average of the patch tokens,
+no class token; Beyer et al., 2022, "Better plain ViT baselines for ImageNet-1k") is offered as
+well. The head is one Dense layer (the "MLP head" of fine-tuning; the pre-training tanh layer
+is not used, as in DeiT and timm).
+
+The configs (``get_model`` names) follow Dosovitskiy et al. / DeiT (Touvron et al., 2021):
+
+=========  =====  =====  =====  ====
+name       width  depth  heads  MLP
+=========  =====  =====  =====  ====
+vit_micro  32     2      2      64     (tests and CPU smoke runs)
+vit_ti     192    12     3      768
+vit_s      384    12     6      1536
+vit_b      768    12     12     3072
+=========  =====  =====  =====  ====
+
+``patch_size=None`` (the default) picks the patch from the image side: 16 for images of at
+least 128 px (ViT-*/16 at 224: 14×14 = 196 patches), 4 from 16 px (32×32 CIFAR: 8×8 = 64
+patches), 2 below (8×8 digits: 4×4 = 16 patches, each 2×2 pixels; a 16-pixel token is about
+as much as a small image can give one token while leaving the attention a sequence to work
+on). ``model_kwargs`` override it (``{"patch_size": 8}``). Both image sides must be multiples
+of the patch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sharpjax.models.transformer import (
+    Block,
+    check_config,
+    dense_logits,
+    embed_init,
+    layer_norm,
+    partitioned,
+)
+
+POOLS = ("cls", "gap")
+
+
+def auto_patch_size(side: int) -> int:
+    """The default patch for an image side: 16 from 128 px, 4 from 16 px, 2 below."""
+    return 16 if side >= 128 else 4 if side >= 16 else 2
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a class token (or global average pooling) and pre-LN blocks.
+
+    Attributes:
+      num_classes: number of output logits.
+      width: token width (``embed``).
+      depth: number of transformer blocks.
+      num_heads: attention heads (must divide ``width``).
+      mlp_dim: hidden width of each block's MLP.
+      patch_size: side of the square patches; ``None`` picks it from the image
+        (:func:`auto_patch_size`).
+      pool: ``"cls"`` (class token, ViT/DeiT) or ``"gap"`` (mean of the patch tokens).
+      dropout_rate: dropout after attention/MLP outputs (train mode only; 0 as in DeiT).
+      dtype: computation dtype (``jnp.bfloat16`` for mixed precision).
+      param_dtype: parameter dtype (float32).
+    """
+
+    num_classes: int
+    width: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_dim: int = 768
+    patch_size: int | None = None
+    pool: str = "cls"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_config(self.width, self.depth, self.num_heads, self.mlp_dim)
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r} is not one of {POOLS}.")
+        if x.ndim != 4:
+            raise ValueError(
+                f"ViT reads images of shape (batch, height, width, channels), got {x.shape}."
+            )
+        height, width = x.shape[1:3]
+        patch = auto_patch_size(min(height, width)) if self.patch_size is None else self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(
+                f"patch_size={patch} must divide the image sides {height}x{width}; pass "
+                f"model_kwargs patch_size= a common divisor of {height} and {width}."
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        # A stride-`patch` VALID conv is the per-patch linear map (patch*patch*C → width).
+        x = nn.Conv(
+            self.width,
+            (patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            kernel_init=partitioned(
+                nn.initializers.lecun_normal(), "patch_h", "patch_w", "channels", "embed"
+            ),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+            name="patch_embed",
+            **kw,
+        )(x)
+        b, gh, gw, _ = x.shape
+        x = x.reshape(b, gh * gw, self.width)
+        if self.pool == "cls":
+            cls = self.param(
+                "cls_token", partitioned(nn.initializers.zeros, "embed"), (self.width,)
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], 1)
+        pos = self.param(
+            "pos_embed", partitioned(embed_init, "seq", "embed"), (x.shape[1], self.width)
+        )
+        x = x + pos.astype(x.dtype)
+        for i in range(self.depth):
+            x = Block(
+                self.num_heads, self.mlp_dim, dropout_rate=self.dropout_rate, name=f"block{i}", **kw
+            )(x, train)
+        x = layer_norm(name="ln_final", **kw)(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+        return dense_logits(x, self.num_classes, **kw)
+
+
+# name → ViT fields (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT, Touvron et al. 2021).
+VIT_CONFIGS: dict[str, dict[str, int]] = {
+    "vit_micro": {"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64},
+    "vit_ti": {"width": 192, "depth": 12, "num_heads": 3, "mlp_dim": 768},
+    "vit_s": {"width": 384, "depth": 12, "num_heads": 6, "mlp_dim": 1536},
+    "vit_b": {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072},
+}
