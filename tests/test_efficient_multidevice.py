@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_parallel import run_multidevice_script
+from tests.multidevice.runner import multidevice_fixture
 
 VARIANTS = ("rst", "ae_sam", "looksam")
 # float32 trajectories whose sums are split over devices: reordering only (~1e-7 per op).
 TOL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("efficient") / "efficient_8dev.json"
-    return run_multidevice_script("tests.multidevice.efficient_8dev", out)
+eight = multidevice_fixture("tests.multidevice.efficient_8dev", name="eight")
 
 
 def test_devices_see_different_gradients(eight):

@@ -10,12 +10,7 @@ or the update equations written out on the flat vector (tests/multidevice/common
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +31,13 @@ from tests.multidevice.common import (
     per_device_equations,
     sgd,
 )
+from tests.multidevice.runner import (
+    free_port,
+    multidevice_fixture,
+    run_processes,
+    subprocess_env,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 # float32: the parallel sums are reordered, nothing else differs. A gradient sums ≲ 45
 # terms (32 examples, 6 + 8 + 3 units): two orders differ by ≲ 45 eps of its scale (≲ 1);
 # 5 heavy-ball steps at lr 0.1 weigh that by lr Σ (1 − μ^k)/(1 − μ) ≈ 1.3, ×3 for the
@@ -45,36 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
 LR_PLAIN = 0.1
 DIFFERENT = 1e-3  # what "gives different parameters" means here
-SUBPROCESS_TIMEOUT_S = 240
 
-
-def _subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the scripts set it
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def run_multidevice_script(module: str, out: Path, timeout: int = SUBPROCESS_TIMEOUT_S) -> dict:
-    """Runs ``python -m module out`` (a script that forces its own CPU devices) from the repo
-    root; returns the JSON it wrote to ``out``, or fails with the end of its stderr."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(out)],
-        cwd=REPO,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> dict:
-    """Runs every 8-device check once; returns their JSON results."""
-    out = tmp_path_factory.mktemp("parallel") / "checks_8dev.json"
-    return run_multidevice_script("tests.multidevice.checks_8dev", out)
+# Every 8-device check runs once, in one subprocess; each test reads its JSON results.
+eight = multidevice_fixture("tests.multidevice.checks_8dev", name="eight")
 
 
 # --------------------------------------------------------------------------------------
@@ -161,44 +134,14 @@ def test_group_size_must_divide_the_device_count(eight):
 # --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one_device(tmp_path):
-    num_processes, port = 2, _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.multidevice.multihost_worker",
-                str(i),
-                str(num_processes),
-                str(port),
-                str(tmp_path / f"process{i}.npz"),
-            ],
-            cwd=REPO,
-            env=_subprocess_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    num_processes, port = 2, free_port()
+    worker = [sys.executable, "-m", "tests.multidevice.multihost_worker"]
+    commands = [
+        [*worker, str(i), str(num_processes), str(port), str(tmp_path / f"process{i}.npz")]
         for i in range(num_processes)
     ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0])
-    finally:
-        for proc in procs:  # a hang fails the test instead of blocking it
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {i}:\n{logs[i][-4000:] if i < len(logs) else ''}"
+    run_processes(commands, subprocess_env(), tmp_path / "logs")
 
     results = [np.load(tmp_path / f"process{i}.npz") for i in range(num_processes)]
     assert int(results[0]["device_count"]) == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_parallel import SUBPROCESS_TIMEOUT_S, run_multidevice_script
+from tests.multidevice.runner import multidevice_fixture
 
 # float32, sums over 64 examples reordered across 8 devices: two orders of one 64-term
 # reduction differ by ≲ 64 eps ≈ 8e-6 of its terms' scale (observed ~1e-7). Products and
@@ -39,12 +39,7 @@ TOLERANCES = {
 }
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("measures") / "measures_8dev.json"
-    return run_multidevice_script(
-        "tests.multidevice.measures_8dev", out, timeout=2 * SUBPROCESS_TIMEOUT_S
-    )
+eight = multidevice_fixture("tests.multidevice.measures_8dev", name="eight")
 
 
 def test_the_batch_is_sharded_and_the_program_all_reduces(eight):

@@ -10,15 +10,13 @@ the uninterrupted run (resume).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.test_parallel import REPO, _free_port, _subprocess_env, run_multidevice_script
+from tests.multidevice.runner import free_port, multidevice_fixture, run_processes, subprocess_env
 
-TIMEOUT_S = 420
 # float32: the 8-device program sums the batch in another order (≈1e-7 relative per sum); over
 # 6 SGD steps with momentum at lr 0.05 on params of size ≤ 1 that stays far below this.
 TOL = 2e-5
@@ -27,10 +25,7 @@ DIFFERENT = 1e-3
 BF16_MARGIN = 0.02
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("trainer") / "trainer_8dev.json"
-    return run_multidevice_script("tests.multidevice.trainer_8dev", out, timeout=TIMEOUT_S)
+eight = multidevice_fixture("tests.multidevice.trainer_8dev", name="eight")
 
 
 @pytest.mark.parametrize("name", ["bn", "augment", "accumulation"])
@@ -76,9 +71,7 @@ def test_bad_device_input_is_a_clear_error(eight):
 
 
 def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> list[dict]:
-    port = _free_port()
-    env = _subprocess_env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    port = free_port()
     overrides = [
         "--dataset=digits",
         "--model=mlp",
@@ -91,43 +84,27 @@ def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> li
         "--progress=false",
     ]
     out = str(tmp_path / f"p{num_processes}_{{process_id}}.npz")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "experiments/train_multihost.py",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                str(num_processes),
-                "--process-id",
-                str(i),
-                "--cpu-collectives",
-                "gloo",
-                "--out",
-                out,
-                "--",
-                *overrides,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    commands = [
+        [
+            sys.executable,
+            "experiments/train_multihost.py",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(num_processes),
+            "--process-id",
+            str(i),
+            "--cpu-collectives",
+            "gloo",
+            "--out",
+            out,
+            "--",
+            *overrides,
+        ]
         for i in range(num_processes)
     ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {i}:\n{logs[i][-4000:] if i < len(logs) else ''}"
+    env = subprocess_env(cpu_devices=devices_per_process)
+    run_processes(commands, env, tmp_path / f"logs{num_processes}")
     return [dict(np.load(out.format(process_id=i))) for i in range(num_processes)]
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true"
-)
+from tests.multidevice.runner import cpu_device_flags
+
+os.environ["XLA_FLAGS"] = cpu_device_flags(2)  # before jax is imported
 
 import sys
 
