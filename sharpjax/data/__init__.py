@@ -1,9 +1,12 @@
 """Datasets, label noise and batching for sharpjax.
 
 Embedded, offline: ``digits`` (scikit-learn) and ``mnist1d`` (generated locally, cached under
-``$SHARPJAX_CACHE`` or ``~/.cache/sharpjax``). TFDS: ``cifar10``, ``cifar100``, ``mnist``,
-``fashion_mnist``, ``svhn_cropped``, read with ``tfds.data_source`` from a directory prepared
-beforehand in ArrayRecord format; nothing is ever downloaded. Prepare once, where there is
+``$SHARPJAX_CACHE`` or ``~/.cache/sharpjax``). Generated in code from a seed
+(:mod:`sharpjax.data.synthetic`): ``synthetic_cifar`` (CIFAR-shaped class templates + noise) and
+``modular_addition`` (tokens ``[a, b, =]``, label ``(a + b) mod p``; Power et al. 2022).
+TFDS: ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``svhn_cropped``, read with
+``tfds.data_source`` from a directory prepared beforehand in ArrayRecord format; nothing is
+ever downloaded. Prepare once, where there is
 internet access and TensorFlow (``pip install tensorflow``)::
 
     tfds build cifar10 --data_dir /path/to/tfds --file_format=array_record
@@ -27,6 +30,7 @@ from sharpjax.data.noise import (
     asymmetric_noise,
     symmetric_noise,
 )
+from sharpjax.data.synthetic import make_modular_addition, make_synthetic_cifar
 from sharpjax.data.tfds_data import DatasetNotPreparedError
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "augment_crop_flip",
     "iterate_batches",
     "load_dataset",
+    "make_modular_addition",
+    "make_synthetic_cifar",
     "prefetch_to_mesh",
     "symmetric_noise",
 ]

@@ -10,13 +10,25 @@ fixed by ``seed``; ``y_train_clean`` keeps the truth so memorisation can be meas
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from sharpjax.data import embedded, tfds_data
+from sharpjax.data import embedded, synthetic, tfds_data
 from sharpjax.data.noise import NOISE_KINDS, apply_label_noise, check_rate_and_seed
 
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
+DATASETS = (
+    "digits",
+    "mnist1d",
+    "synthetic_cifar",
+    "modular_addition",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion_mnist",
+    "svhn_cropped",
+)
 
 
 # eq=False: field-wise == on arrays is ambiguous; identity equality is what makes sense here.
@@ -26,7 +38,8 @@ class Dataset:
 
     Attributes:
       name: one of :data:`DATASETS`.
-      x_train: float32 normalised inputs; images NHWC, mnist1d ``(N, 40, 1)``.
+      x_train: float32 normalised inputs (images NHWC, mnist1d ``(N, 40, 1)``), or int32
+        tokens ``(N, T)`` for sequence tasks (``modular_addition``), left unnormalised.
       y_train: int32 labels used for training (noisy if noise was applied).
       y_train_clean: int32 true training labels.
       x_test: float32 inputs, normalised with the training statistics.
@@ -87,6 +100,7 @@ def load_dataset(
     seed: int = 0,
     data_dir: str | None = None,
     test_fraction: float = 0.25,
+    options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Loads a dataset, normalises it and applies training-label noise.
 
@@ -101,10 +115,15 @@ def load_dataset(
         datasets.
       test_fraction: held-out fraction for ``digits`` (stratified, fixed split; 0.25 gives
         1347/450). Ignored otherwise: the other datasets have official test splits.
+      options: keyword arguments of the generator of a dataset made in code
+        (:mod:`sharpjax.data.synthetic`): ``synthetic_cifar`` takes those of
+        ``make_synthetic_cifar`` (``num_train``, ``noise_std``, ``seed``, ...),
+        ``modular_addition`` those of ``make_modular_addition`` (``p``, ``train_fraction``,
+        ``seed``). Their ``seed`` fixes the data; ``seed`` above only the label noise.
 
     Raises:
-      ValueError: unknown ``name`` or ``noise``, ``noise_rate`` outside ``[0, 1)`` or a
-        negative ``seed``.
+      ValueError: unknown ``name`` or ``noise``, ``noise_rate`` outside ``[0, 1)``, a
+        negative ``seed``, or ``options`` for a dataset that is not generated.
       TypeError: ``noise_rate`` not a number or ``seed`` not an int.
       DatasetNotPreparedError: a TFDS dataset is not prepared under ``data_dir``; raised
         before any data access, and no download is ever attempted.
@@ -115,8 +134,23 @@ def load_dataset(
         raise ValueError(f"unknown noise kind {noise!r}; choose one of {NOISE_KINDS}")
     # Before any data is read or generated: a bad argument fails at once, by its name.
     check_rate_and_seed(noise_rate, seed, rate_name="noise_rate")
+    options = dict(options or {})
+    if options and name not in synthetic.GENERATED:
+        raise ValueError(
+            f"options={options} is only for the generated datasets "
+            f"{tuple(synthetic.GENERATED)}; dataset {name!r} takes none."
+        )
 
-    if name == "digits":
+    if name in synthetic.GENERATED:
+        make, classes = synthetic.GENERATED[name]
+        try:
+            x_tr, y_tr, x_te, y_te = make(**options)
+        except TypeError as e:  # an unknown option: name it and the function's arguments
+            raise ValueError(f"options for dataset {name!r}: {e}") from e
+        num_classes = classes(options)
+        # Tokens are symbols, not intensities: no normalisation.
+        axes = (0, 1, 2) if x_tr.ndim == 4 else None
+    elif name == "digits":
         x_tr, y_tr, x_te, y_te = embedded.load_digits_arrays(test_fraction)
         num_classes, axes = 10, (0, 1, 2, 3)
     elif name == "mnist1d":
@@ -126,7 +160,8 @@ def load_dataset(
         x_tr, y_tr, x_te, y_te, num_classes = tfds_data.load_tfds_arrays(name, data_dir)
         x_tr, x_te = x_tr.astype(np.float32) / 255.0, x_te.astype(np.float32) / 255.0
         axes = (0, 1, 2)  # per channel
-    x_tr, x_te = _standardise(x_tr, x_te, axes)
+    if axes is not None:
+        x_tr, x_te = _standardise(x_tr, x_te, axes)
 
     y_clean = y_tr.astype(np.int32)
     y_noisy = apply_label_noise(y_clean, noise, noise_rate, num_classes, seed, dataset=name)
