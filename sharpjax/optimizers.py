@@ -9,7 +9,9 @@ before any base optimizer and needs ``grad_fn`` in ``update``::
 Every constructor takes the data-parallel and micro-batch arguments of
 :func:`sharpjax.core.sharpness_aware` as keywords (``num_microbatches``,
 ``microbatch_execution``, ``axis_name``,
-``perturbation_mode``, ``group_size``), and works under ``optax.inject_hyperparams`` for its
+``perturbation_mode``, ``group_size``) and, where the perturbation is a rule of
+``perturbations.py``, ``groups`` (:func:`sharpjax.param_groups`: what is perturbed, with
+which ρ), and works under ``optax.inject_hyperparams`` for its
 float hyperparameters (``rho``, ``alpha``, ``theta``, ``eta``, ``mu``)::
 
     tx = optax.inject_hyperparams(sharpjax.sam)(rho=0.05)
@@ -39,7 +41,13 @@ from sharpjax.core import (
     check_scalar_or_schedule,
     sharpness_aware,
 )
+from sharpjax.groups import ParamGroups, grouped_perturbation
 from sharpjax.perturbations import adaptive_perturbation, sam_perturbation, vasso_perturbation
+
+
+def _grouped(rule: PerturbationRule, groups: ParamGroups | None) -> PerturbationRule:
+    """``rule`` restricted to parameter groups (:func:`sharpjax.param_groups`), if any."""
+    return rule if groups is None else grouped_perturbation(rule, groups)
 
 
 def sam(
@@ -50,11 +58,12 @@ def sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    groups: ParamGroups | None = None,
     cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM (Foret et al., ICLR 2021): ``ε = ρ g/‖g‖``, output ``∇L(w + ε)``. Default ρ = 0.05."""
     return sharpness_aware(
-        sam_perturbation(),
+        _grouped(sam_perturbation(), groups),
         rho=rho,
         num_microbatches=num_microbatches,
         microbatch_execution=microbatch_execution,
@@ -74,6 +83,7 @@ def asam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    groups: ParamGroups | None = None,
     cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ASAM (Kwon et al., ICML 2021): ``ε = ρ T² g / ‖T g‖``, ``T = |w| + η``.
@@ -81,7 +91,7 @@ def asam(
     Defaults ρ = 0.5, η = 0.01 (the paper's values with SGD).
     """
     return sharpness_aware(
-        adaptive_perturbation(eta),
+        _grouped(adaptive_perturbation(eta), groups),
         rho=rho,
         num_microbatches=num_microbatches,
         microbatch_execution=microbatch_execution,
@@ -101,6 +111,7 @@ def vasso(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    groups: ParamGroups | None = None,
     cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """VaSSO (Li & Giannakis, NeurIPS 2023): variance-suppressed sharpness-aware optimization.
@@ -111,7 +122,7 @@ def vasso(
     keeps its own ``d``.
     """
     return sharpness_aware(
-        vasso_perturbation(theta),
+        _grouped(vasso_perturbation(theta), groups),
         rho=rho,
         num_microbatches=num_microbatches,
         microbatch_execution=microbatch_execution,
@@ -143,6 +154,7 @@ def saner(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    groups: ParamGroups | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SANER (Sharpness-Aware Noise-Explicit Reweighting, arXiv 2411.17132).
 
@@ -160,7 +172,7 @@ def saner(
         ``saner(rho, alpha, num_microbatches=m)``.
     """
     return sharpness_aware(
-        perturbation or sam_perturbation(),
+        _grouped(perturbation or sam_perturbation(), groups),
         saner_combination(alpha),
         rho=rho,
         num_microbatches=num_microbatches,
@@ -181,6 +193,7 @@ def gsam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    groups: ParamGroups | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GSAM (Zhuang et al., ICLR 2022): surrogate-gap guided sharpness-aware minimization.
 
@@ -191,7 +204,7 @@ def gsam(
     ``value_and_grad_fn`` and ``loss``, and ``orthogonal_norm`` ‖g_⊥‖.
     """
     return sharpness_aware(
-        perturbation or sam_perturbation(),
+        _grouped(perturbation or sam_perturbation(), groups),
         gsam_combination(alpha),
         rho=rho,
         num_microbatches=num_microbatches,
