@@ -458,6 +458,37 @@ def _group_mean(tree: Any, axis_name: str, groups: list[list[int]] | None) -> An
     return jax.tree.map(mean_leaf, tree)
 
 
+def _check_planned(planned: Any, policy: SecondGradientPolicy | None) -> bool | None:
+    """``second_gradient=True/False`` (a Python bool): the policy's decision, taken before the
+    step by the caller (:func:`sharpjax.efficient.planned_step`), which then compiles one
+    program per decision instead of a ``lax.cond`` (a conv gradient under ``lax.cond`` is many
+    times slower on XLA:CPU: ``experiments/bench_cond.py``). The policy still updates its
+    state."""
+    if planned is not None and not isinstance(planned, bool | np.bool_):
+        raise TypeError(
+            "second_gradient must be a Python bool decided before the step (or None), got "
+            f"{type(planned).__name__}; a traced decision is the policy's, under lax.cond."
+        )
+    if policy is None and planned is not None and not planned:
+        raise ValueError("second_gradient=False needs a SecondGradientPolicy to skip by.")
+    return None if planned is None else bool(planned)
+
+
+def _check_update_inputs(updates: Any, params: Any, m: int | None) -> None:
+    """Clear errors for the params and the clean gradients ``updates`` of ``tx.update``."""
+    if params is None:
+        raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
+    check_float_params(params)
+    if m is not None:
+        for leaf, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+            if jnp.shape(leaf) != (m, *jnp.shape(ref)):
+                raise ValueError(
+                    f"num_microbatches={m} expects the clean gradients of the micro-batches "
+                    f"stacked on axis 0, shape (m, *param.shape) = {(m, *jnp.shape(ref))}; "
+                    f"got {jnp.shape(leaf)}. See sharpjax.split_microbatches."
+                )
+
+
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``ok``, else ``old``, leaf by leaf (a non-finite step changes no state)."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -471,6 +502,264 @@ def _check_count(argument: str, value: int) -> None:
         )
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{argument} must be an int >= 1, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------
+# The pieces of one step. Each is a module-level function of its inputs, so that a test can
+# call it alone; the update of `sharpness_aware` is the page that calls them in order:
+#
+#     take            = _decide(...)                             the efficient variants
+#     out, states, …  = _with_second(...)  if take  else  _without_second(...)
+#                       └ _single | _vmapped | _scanned, each calling _perturb_and_combine
+#     diagnostics     = _step_diagnostics(...)
+#     out, state      = _guard(...)                              the non-finite guard
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What the constructor fixed for every step: the rules and the static settings."""
+
+    perturbation: PerturbationRule
+    combination: CombinationRule
+    policy: SecondGradientPolicy | None = None
+    num_microbatches: int | None = None
+    axis_name: str | None = None
+    measure_cosine: bool = False
+    microbatch_execution: str = "sequential"
+
+    @property
+    def micro(self) -> bool:
+        return self.num_microbatches is not None
+
+    @property
+    def branch_diagnostics(self) -> tuple[str, ...]:
+        """The keys that both branches (with and without g₂) report."""
+        core = ("grad_norm", "perturbation_norm", "second_grad_norm", "cosine", "perturbed_loss")
+        return core + self.perturbation.diagnostics + self.combination.diagnostics
+
+    @property
+    def diagnostic_names(self) -> tuple[str, ...]:
+        """Every key of the state's diagnostics, fixed at construction."""
+        names = CORE_DIAGNOSTICS + self.perturbation.diagnostics + self.combination.diagnostics
+        if self.policy is not None:
+            names += POLICY_DIAGNOSTICS + self.policy.diagnostics
+        return names
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What one call of ``update`` fixes: the point ``w``, the step count, ρ_t, the second pass
+    (``(params[, j]) -> (loss or None, g₂)``) and the last diagnostics (carried where this
+    step measures nothing)."""
+
+    setup: _Setup
+    params: Any
+    count: jax.Array
+    rho: jax.Array
+    second_pass: Callable
+    previous: dict[str, jax.Array]
+    groups: list[list[int]] | None = None
+
+
+def _device_mean(tree: Any, axis_name: str | None) -> Any:
+    """The mean over the devices of ``axis_name`` (identity on one device)."""
+    return jax.lax.pmean(tree, axis_name) if axis_name is not None else tree
+
+
+def _micro_mean(tree: Any) -> Any:
+    """The mean over the micro-batch axis (axis 0) of every leaf."""
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def _f32(diag: dict[str, Any]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v, jnp.float32) for k, v in diag.items()}
+
+
+def _as_params(tree: Any, params: Any) -> Any:
+    return jax.tree.map(lambda o, w: o.astype(w.dtype), tree, params)
+
+
+def _decide(
+    policy: SecondGradientPolicy | None,
+    g: Any,
+    policy_state: Any,
+    count: jax.Array,
+    *,
+    micro: bool = False,
+    axis_name: str | None = None,
+    planned: bool | None = None,
+) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """``take, state, diag = policy.decide(‖g‖², state, t)``, before any perturbation.
+
+    ‖g‖² (with ``micro``, the mean over the stacked micro-batch gradients of ‖g_j‖²) is averaged
+    over ``axis_name``, so that every device takes the same decision. ``planned``, a Python bool
+    decided before the step, replaces the decision (the policy still updates its state).
+    Without a policy every step takes g₂.
+    """
+    if policy is None:
+        return jnp.bool_(True), policy_state, {}
+    sq = _device_mean(grad_sq_norm(g, micro), axis_name)
+    take, policy_state, diag = policy.decide(sq, policy_state, count)
+    take = jnp.asarray(take if planned is None else bool(planned), jnp.bool_)
+    return take, policy_state, diag
+
+
+def _perturb_and_combine(
+    step: _Step, g: Any, p_state: Any, c_state: Any, j: jax.Array | None = None
+) -> tuple[Any, Any, Any, dict[str, jax.Array], jax.Array]:
+    """One micro-batch ``j`` (or the whole batch, ``j`` None)::
+
+        ε, p_state      = perturb(g, w, p_state, ρ)
+        g₂              = ∇L(w + ε)                       (micro-batch j's)
+        out, c_state    = combine(g, g₂, c_state, t)
+
+    Returns ``(out, p_state, c_state, diag, finite)``: ``out`` in the params' dtypes, the
+    diagnostics of :meth:`_Setup.branch_diagnostics`, and whether g, ε and g₂ are finite.
+    """
+    setup, params = step.setup, step.params
+    eps, p_state, p_diag = setup.perturbation.perturb(g, params, p_state, step.rho)
+    # ‖ε‖ comes from the rule when it has it for free: computing it here would keep ε
+    # alive through the second pass (a parameter copy, measured with memory_analysis).
+    p_diag = dict(p_diag)
+    eps_norm = p_diag.pop("perturbation_norm", None)
+    eps_norm = tree_norm(eps) if eps_norm is None else eps_norm
+    grad_norm = tree_norm(g)
+    perturbed = tree_add(params, eps)
+    loss2, g2 = step.second_pass(perturbed) if j is None else step.second_pass(perturbed, j)
+    _check_same_structure("the second gradient", params, g2)
+    if setup.axis_name is not None:
+        g2 = _group_mean(g2, setup.axis_name, step.groups)
+    out, c_state, c_diag = setup.combination.combine(g, g2, c_state, step.count)
+    g2_norm = tree_norm(g2)
+    diag = {
+        "grad_norm": grad_norm,
+        "perturbation_norm": eps_norm,
+        "second_grad_norm": g2_norm,
+        "perturbed_loss": jnp.nan if loss2 is None else loss2,
+        **p_diag,
+        **c_diag,
+    }
+    # Reading g here keeps it alive through the second pass (a parameter copy unless
+    # the combination reads g anyway): hence opt-in for SAM's rule.
+    if setup.measure_cosine:
+        diag["cosine"] = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
+    else:
+        diag["cosine"] = jnp.float32(jnp.nan)
+    # A NaN or Inf anywhere in g, in a rule state or in g₂ shows in these norms.
+    finite = jnp.all(jnp.isfinite(jnp.stack([grad_norm, eps_norm, g2_norm])))
+    return _as_params(out, params), p_state, c_state, _f32(diag), finite
+
+
+def _single(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
+    """The whole batch at once: :func:`_perturb_and_combine` without a micro-batch index."""
+    return _perturb_and_combine(step, g, p_state, c_state)
+
+
+def _vmapped(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
+    """The m micro-batches at once under ``jax.vmap`` (m perturbed copies alive together);
+    the output and the diagnostics are the means over micro-batches."""
+    m = step.setup.num_microbatches
+    one = functools.partial(_perturb_and_combine, step)
+    out, p_state, c_state, diag, finite = jax.vmap(one)(g, p_state, c_state, jnp.arange(m))
+    return _micro_mean(out), p_state, c_state, _micro_mean(diag), jnp.all(finite)
+
+
+def _scanned(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
+    """The m micro-batches one after another under ``lax.scan``, summing the outputs, so
+    that the compile time does not grow with m and no m-fold ε or g₂ is ever stored."""
+    m = step.setup.num_microbatches
+
+    def body(total, inputs):
+        g, p_state, c_state, j = inputs
+        out, p_state, c_state, diag, finite = _perturb_and_combine(step, g, p_state, c_state, j)
+        return tree_add(total, out), (p_state, c_state, diag, finite)
+
+    zeros = jax.tree.map(jnp.zeros_like, step.params)
+    inputs = (g, p_state, c_state, jnp.arange(m))
+    total, (p_state, c_state, diag, finite) = jax.lax.scan(body, zeros, inputs)
+    return tree_scale(total, 1.0 / m), p_state, c_state, _micro_mean(diag), jnp.all(finite)
+
+
+def _with_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
+    """A step that takes g₂, in the execution form the setup asks for."""
+    setup = step.setup
+    if not setup.micro:
+        return _single(step, g, p_state, c_state)
+    form = _vmapped if setup.microbatch_execution == "parallel" else _scanned
+    return form(step, g, p_state, c_state)
+
+
+def _without_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
+    """A step a policy skips: ``out, c_state = combination.skip(g, c_state, t)``, no g₂ at all;
+    the perturbation state is left as it was."""
+    setup, count = step.setup, step.count
+    skip = setup.combination.skip
+    if setup.micro:
+        out, c_state, c_diag = jax.vmap(lambda g, c: skip(g, c, count))(g, c_state)
+        out, c_diag = _micro_mean(out), _micro_mean(c_diag)
+        grad_norm = jnp.mean(jax.vmap(tree_norm)(g))
+    else:
+        out, c_state, c_diag = skip(g, c_state, count)
+        grad_norm = tree_norm(g)
+    zero = jnp.zeros([], jnp.float32)
+    diag = {
+        "grad_norm": grad_norm,
+        "perturbation_norm": zero,
+        "second_grad_norm": zero,
+        "perturbed_loss": jnp.float32(jnp.nan),
+        **{k: zero for k in setup.perturbation.diagnostics},
+        # a rule whose skip reports less (the default skip reports nothing) shows 0
+        **{k: zero for k in setup.combination.diagnostics},
+        **c_diag,
+    }
+    diag["cosine"] = zero if setup.measure_cosine else jnp.float32(jnp.nan)
+    return _as_params(out, step.params), p_state, c_state, _f32(diag), tree_all_finite(g)
+
+
+def _step_diagnostics(
+    setup: _Setup,
+    diag: dict[str, jax.Array],
+    *,
+    loss: Any,
+    rho: jax.Array,
+    count: jax.Array,
+    take: jax.Array,
+    policy_diag: dict[str, jax.Array],
+    second_gradients: jax.Array,
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The state's diagnostics from a branch's: the losses, ρ, the policy's, the device mean.
+
+    Returns them (float32, exactly the keys of ``setup.diagnostic_names``) and the new count of
+    steps that took g₂.
+    """
+    diag = dict(diag)
+    clean_loss = jnp.nan if loss is None else jnp.mean(jnp.asarray(loss, jnp.float32))
+    diag["loss"] = clean_loss
+    diag["sharpness"] = diag["perturbed_loss"] - clean_loss
+    if "surrogate_gap" in setup.diagnostic_names:  # GSAM's name for the same quantity
+        diag["surrogate_gap"] = diag["sharpness"]
+    diag["rho"] = rho
+    if setup.policy is not None:
+        took = take.astype(jnp.int32)
+        seconds = second_gradients + took
+        diag.update(policy_diag)
+        diag["second_gradient"] = took
+        diag["second_gradient_fraction"] = seconds / (count + 1)
+    else:
+        seconds = second_gradients + 1
+    diag = _device_mean(diag, setup.axis_name)
+    return {k: jnp.asarray(diag[k], jnp.float32) for k in setup.diagnostic_names}, seconds
+
+
+def _guard(
+    finite: jax.Array, out: Any, new_state: SharpnessAwareState, state: SharpnessAwareState
+) -> tuple[Any, SharpnessAwareState]:
+    """The non-finite guard: a step whose g, ε or g₂ is not finite changes no state (it would
+    poison VaSSO's d, for instance), and its non-finite ``out`` is passed on. The diagnostics
+    show the step as it was."""
+    kept = state._replace(diagnostics=new_state.diagnostics)
+    return out, _keep_if(finite, new_state, kept)
 
 
 def sharpness_aware(
@@ -578,18 +867,21 @@ def sharpness_aware(
         )
     if cosine is not None and not isinstance(cosine, bool):
         raise TypeError(f"cosine must be True, False or None, got {cosine!r}.")
-    measure_cosine = combination.uses_clean_gradient if cosine is None else cosine
     if microbatch_execution not in MICROBATCH_EXECUTIONS:
         raise ValueError(
             f"microbatch_execution must be one of {MICROBATCH_EXECUTIONS}, got "
             f"{microbatch_execution!r}."
         )
-    m = num_microbatches
-    micro = m is not None
-    rule_diagnostics = perturbation.diagnostics + combination.diagnostics
-    diagnostic_names = CORE_DIAGNOSTICS + rule_diagnostics
-    if policy is not None:
-        diagnostic_names += POLICY_DIAGNOSTICS + policy.diagnostics
+    setup = _Setup(
+        perturbation,
+        combination,
+        policy,
+        num_microbatches,
+        axis_name,
+        combination.uses_clean_gradient if cosine is None else cosine,
+        microbatch_execution,
+    )
+    m, micro = num_microbatches, num_microbatches is not None
 
     def stacked(init):
         return (lambda p: jax.vmap(lambda _: init(p))(jnp.arange(m))) if micro else init
@@ -610,7 +902,7 @@ def sharpness_aware(
             count=jnp.zeros([], jnp.int32),
             perturbation_state=stacked(perturbation.init)(params),
             combination_state=stacked(combination.init)(params),
-            diagnostics={name: jnp.zeros([], jnp.float32) for name in diagnostic_names},
+            diagnostics={name: jnp.zeros([], jnp.float32) for name in setup.diagnostic_names},
             policy_state=_policy_init(params),
             second_gradients=jnp.zeros([], jnp.int32),
         )
@@ -619,148 +911,44 @@ def sharpness_aware(
         updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
     ):
         second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
-        if params is None:
-            raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
-        check_float_params(params)
-        if micro:
-            for leaf, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-                if jnp.shape(leaf) != (m, *jnp.shape(ref)):
-                    raise ValueError(
-                        f"num_microbatches={m} expects the clean gradients of the micro-batches "
-                        f"stacked on axis 0, shape (m, *param.shape) = {(m, *jnp.shape(ref))}; "
-                        f"got {jnp.shape(leaf)}. See sharpjax.split_microbatches."
-                    )
+        planned = _check_planned(extra.pop("second_gradient", None), policy)
+        del extra
+        _check_update_inputs(updates, params, m)
         groups = None
         if axis_name is not None:
             groups = _axis_groups(axis_name, perturbation_mode, group_size)
-        count = state.count
-        rho_t = evaluate(rho, count, 0.0)
+        step = _Step(
+            setup,
+            params,
+            state.count,
+            evaluate(rho, state.count, 0.0),
+            second_pass,
+            state.diagnostics,
+            groups,
+        )
+        g = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
 
-        def _as_params(tree):
-            return jax.tree.map(lambda o, w: o.astype(w.dtype), tree, params)
-
-        def _f32(diag):
-            return {k: jnp.asarray(v, jnp.float32) for k, v in diag.items()}
-
-        def device_mean(tree):  # the mean over devices that makes an output device-invariant
-            return jax.lax.pmean(tree, axis_name) if axis_name is not None else tree
-
-        def micro_mean(tree):
-            return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree) if micro else tree
-
-        # --- the decision (before any perturbation): the same on every device ---------------
-        g_in = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
-        policy_state, policy_diag = state.policy_state, {}
-        take = jnp.bool_(True)
-        # `second_gradient=True/False` (a Python bool): the policy's decision, taken before the
-        # step by the caller (sharpjax.efficient.planned_step), which then compiles one program
-        # per decision instead of a lax.cond (a conv gradient under lax.cond is many times
-        # slower on XLA:CPU: experiments/bench_cond.py). The policy still updates its state.
-        planned = extra.pop("second_gradient", None)
-        del extra
-        if planned is not None and not isinstance(planned, bool | np.bool_):
-            raise TypeError(
-                "second_gradient must be a Python bool decided before the step (or None), got "
-                f"{type(planned).__name__}; a traced decision is the policy's, under lax.cond."
-            )
-        if policy is None and planned is not None and not planned:
-            raise ValueError("second_gradient=False needs a SecondGradientPolicy to skip by.")
-        if policy is not None:
-            sq = device_mean(grad_sq_norm(g_in, micro))
-            take, policy_state, policy_diag = policy.decide(sq, state.policy_state, count)
-            take = jnp.asarray(take if planned is None else bool(planned), jnp.bool_)
-
-        # --- one micro-batch (or the whole batch): perturb, second pass, combine ------------
-        def one(g, p_state, c_state, j):
-            eps, p_state, p_diag = perturbation.perturb(g, params, p_state, rho_t)
-            # ‖ε‖ comes from the rule when it has it for free: computing it here would keep ε
-            # alive through the second pass (a parameter copy, measured with memory_analysis).
-            p_diag = dict(p_diag)
-            eps_norm = p_diag.pop("perturbation_norm", None)
-            eps_norm = tree_norm(eps) if eps_norm is None else eps_norm
-            grad_norm = tree_norm(g)
-            perturbed = tree_add(params, eps)
-            loss2, g2 = second_pass(perturbed) if j is None else second_pass(perturbed, j)
-            _check_same_structure("the second gradient", params, g2)
-            if axis_name is not None:
-                g2 = _group_mean(g2, axis_name, groups)
-            out, c_state, c_diag = combination.combine(g, g2, c_state, count)
-            g2_norm = tree_norm(g2)
-            # Reading g here keeps it alive through the second pass (a parameter copy unless
-            # the combination reads g anyway): hence opt-in for SAM's rule.
-            if measure_cosine:
-                cos = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
-            else:
-                cos = jnp.float32(jnp.nan)
-            diag = {
-                "grad_norm": grad_norm,
-                "perturbation_norm": eps_norm,
-                "second_grad_norm": g2_norm,
-                "cosine": cos,
-                "perturbed_loss": jnp.nan if loss2 is None else loss2,
-                **p_diag,
-                **c_diag,
-            }
-            # A NaN or Inf anywhere in g, in a rule state or in g₂ shows in these norms.
-            finite = jnp.all(jnp.isfinite(jnp.stack([grad_norm, eps_norm, g2_norm])))
-            return _as_params(out), p_state, c_state, _f32(diag), finite
-
-        def with_second(_):
-            if not micro:
-                return one(g_in, state.perturbation_state, state.combination_state, None)
-
-            inputs = (g_in, state.perturbation_state, state.combination_state, jnp.arange(m))
-            if microbatch_execution == "parallel":
-                out, p_state, c_state, diag, finite = jax.vmap(one)(*inputs)
-                return micro_mean(out), p_state, c_state, micro_mean(diag), jnp.all(finite)
-
-            # m-sharpness: one micro-batch after another (lax.scan), summing the outputs, so
-            # that the compile time does not grow with m and no m-fold ε or g₂ is ever stored.
-            def body(total, inputs):
-                g, p_state, c_state, j = inputs
-                out, p_state, c_state, diag, finite = one(g, p_state, c_state, j)
-                return tree_add(total, out), (p_state, c_state, diag, finite)
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            total, (p_state, c_state, diag, finite) = jax.lax.scan(body, zeros, inputs)
-            out = tree_scale(total, 1.0 / m)
-            return out, p_state, c_state, micro_mean(diag), jnp.all(finite)
-
-        def without_second(_):
-            if micro:
-                out, c_state, c_diag = jax.vmap(lambda g, c: combination.skip(g, c, count))(
-                    g_in, state.combination_state
-                )
-            else:
-                out, c_state, c_diag = combination.skip(g_in, state.combination_state, count)
-            grad_norm = jnp.mean(jax.vmap(tree_norm)(g_in)) if micro else tree_norm(g_in)
-            zero = jnp.zeros([], jnp.float32)
-            diag = {
-                "grad_norm": grad_norm,
-                "perturbation_norm": zero,
-                "second_grad_norm": zero,
-                "cosine": zero if measure_cosine else jnp.float32(jnp.nan),
-                "perturbed_loss": jnp.float32(jnp.nan),
-                **{k: zero for k in perturbation.diagnostics},
-                # a rule whose skip reports less (the default skip reports nothing) shows 0
-                **{k: zero for k in combination.diagnostics},
-                **micro_mean(c_diag),
-            }
-            finite = tree_all_finite(g_in)
-            return (
-                _as_params(micro_mean(out)),
-                state.perturbation_state,
-                c_state,
-                _f32(diag),
-                finite,
-            )
-
+        take, policy_state, policy_diag = _decide(
+            policy,
+            g,
+            state.policy_state,
+            step.count,
+            micro=micro,
+            axis_name=axis_name,
+            planned=planned,
+        )
+        branches = (g, state.perturbation_state, state.combination_state)
         if policy is None or planned is not None:
-            branch = with_second if planned is None or planned else without_second
-            out, p_state, c_state, diag, finite = branch(None)
+            # No decision to take in the program: one branch, no lax.cond (a conv gradient
+            # under lax.cond is many times slower on XLA:CPU: experiments/bench_cond.py).
+            branch = _with_second if planned is None or planned else _without_second
+            out, p_state, c_state, diag, finite = branch(step, *branches)
         else:
             out, p_state, c_state, diag, finite = jax.lax.cond(
-                take, with_second, without_second, None
+                take,
+                functools.partial(_with_second, step),
+                functools.partial(_without_second, step),
+                *branches,
             )
 
         if axis_name is not None:
@@ -769,38 +957,27 @@ def sharpness_aware(
             if groups is not None or micro:
                 out = jax.lax.pmean(out, axis_name)
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(jnp.bool_)
-        out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, params)
+        out = _as_params(out, params)
 
-        clean_loss = jnp.nan if loss is None else jnp.mean(jnp.asarray(loss, jnp.float32))
-        diag["loss"] = clean_loss
-        diag["sharpness"] = diag["perturbed_loss"] - clean_loss
-        if "surrogate_gap" in diagnostic_names:  # GSAM's name for the same quantity
-            diag["surrogate_gap"] = diag["sharpness"]
-        diag["rho"] = rho_t
-        if policy is not None:
-            took = take.astype(jnp.int32)
-            seconds = state.second_gradients + took
-            diag.update(policy_diag)
-            diag["second_gradient"] = took
-            diag["second_gradient_fraction"] = seconds / (count + 1)
-        else:
-            seconds = state.second_gradients + 1
-        if axis_name is not None:
-            diag = device_mean(diag)
-        diag = {k: jnp.asarray(diag[k], jnp.float32) for k in diagnostic_names}
-
+        diag, seconds = _step_diagnostics(
+            setup,
+            diag,
+            loss=loss,
+            rho=step.rho,
+            count=step.count,
+            take=take,
+            policy_diag=policy_diag,
+            second_gradients=state.second_gradients,
+        )
         new_state = SharpnessAwareState(
-            count=optax.safe_increment(count),
+            count=optax.safe_increment(step.count),
             perturbation_state=p_state,
             combination_state=c_state,
             diagnostics=diag,
             policy_state=policy_state,
             second_gradients=seconds,
         )
-        # A non-finite gradient changes no state (it would poison VaSSO's d, for instance);
-        # the diagnostics show the step as it was, and `out` carries the non-finite values on.
-        kept = state._replace(diagnostics=diag)
-        return out, _keep_if(finite, new_state, kept)
+        return _guard(finite, out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -296,3 +296,77 @@ def test_unknown_perturbation_mode_and_lonely_group_size_raise():
         sharpjax.sam(0.05, axis_name="batch", perturbation_mode="grouped")
     with pytest.raises(ValueError, match="axis_name"):
         sharpjax.sam(0.05, perturbation_mode="synced")
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces of the update, each called alone against its equation written plainly.
+# ---------------------------------------------------------------------------------------
+
+
+def test_decide_averages_the_microbatch_squared_norms_and_obeys_a_plan():
+    from sharpjax.core import SecondGradientPolicy, _decide
+
+    seen = []
+
+    def decide(sq, state, count):
+        seen.append(sq)
+        return sq > 10.0, state + 1, {"sq": sq}
+
+    policy = SecondGradientPolicy(lambda p: 0, decide)
+    # three micro-batch gradients of one leaf with ‖g_j‖² = 1, 4, 25: the mean is 10
+    g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])}
+    take, state, diag = _decide(policy, g, 0, jnp.int32(0), micro=True)
+    assert float(diag["sq"]) == 10.0 and not bool(take) and state == 1
+    take, _, _ = _decide(policy, {"w": jnp.array([3.0, 4.0])}, 0, jnp.int32(0))
+    assert bool(take)  # ‖g‖² = 25 on one batch
+    take, state, _ = _decide(policy, g, 0, jnp.int32(0), micro=True, planned=True)
+    assert bool(take) and state == 1  # the plan decides; the policy still moves its state
+    take, state, diag = _decide(None, g, (), jnp.int32(0))
+    assert bool(take) and state == () and diag == {}
+
+
+@pytest.mark.parametrize("form", ["_single", "_vmapped", "_scanned"])
+def test_execution_forms_equal_the_mean_of_the_microbatch_equations(form):
+    """Quadratic losses L_j(w) = ½ Σ a_j w², so g₂ = a_j (w + ρ g_j/‖g_j‖) exactly."""
+    from sharpjax import core
+
+    m, rho = 3, 0.1
+    w = jnp.array([1.0, -2.0, 0.5])
+    a = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.5, 4.0], [2.0, 1.0, 1.0]])
+    micro = form != "_single"
+    setup = core._Setup(
+        sharpjax.sam_perturbation(),
+        core.use_second_gradient(),
+        num_microbatches=m if micro else None,
+        measure_cosine=True,
+    )
+    if micro:
+        second_pass = lambda p, j: (None, a[j] * p)
+        g = a * w
+        p_state, c_state = (
+            jax.vmap(lambda _: ())(jnp.arange(m)),
+            jax.vmap(lambda _: ())(jnp.arange(m)),
+        )
+    else:
+        second_pass = lambda p: (None, a[0] * p)
+        g, p_state, c_state = a[0] * w, (), ()
+    previous = {}
+    step = core._Step(setup, w, jnp.int32(0), jnp.float32(rho), second_pass, previous)
+    out, _, _, diag, finite = getattr(core, form)(step, g, p_state, c_state)
+
+    rows = range(m) if micro else range(1)
+    g2s = [a[j] * (w + rho * a[j] * w / jnp.linalg.norm(a[j] * w)) for j in rows]
+    np.testing.assert_allclose(out, sum(g2s) / len(g2s), rtol=1e-6)
+    want_g2_norm = np.mean([np.linalg.norm(x) for x in g2s])
+    want_grad_norm = np.mean([np.linalg.norm(a[j] * w) for j in rows])
+    want_cos = np.mean(
+        [
+            (a[j] * w) @ g2s[i] / np.linalg.norm(a[j] * w) / np.linalg.norm(g2s[i])
+            for i, j in enumerate(rows)
+        ]
+    )
+    np.testing.assert_allclose(diag["second_grad_norm"], want_g2_norm, rtol=1e-6)
+    np.testing.assert_allclose(diag["grad_norm"], want_grad_norm, rtol=1e-6)
+    np.testing.assert_allclose(diag["perturbation_norm"], rho, rtol=1e-6)
+    np.testing.assert_allclose(diag["cosine"], want_cos, rtol=1e-6)
+    assert bool(jnp.all(finite))
