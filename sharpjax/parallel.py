@@ -50,7 +50,9 @@ micro-batches (for mSAM see :func:`sharpjax.msam` or the per-device mode).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -433,93 +435,9 @@ def make_train_step(
             "With split=True the decision goes to the update half, per call: "
             "update(state, batch, clean, key, disturbances, second_gradient=...)."
         )
-    from sharpjax.core import diagnostics as read_diagnostics
-
-    def prepare(batch, key, disturbances):
-        """The step's keys, the augmented batch and the dropout keys (micro-batches' too)."""
-        needs_key = augment is not None or loss_takes_rng or disturbances is not None
-        if key is None and needs_key:
-            raise ValueError(
-                "This step uses randomness (augment, loss_takes_rng or disturbances): call it "
-                "as step(state, batch, key), with a JAX key (e.g. fold_in(root, step_count))."
-            )
-        if key is None:
-            k_aug = k_drop = k_noise1 = k_noise2 = k_param = None
-        else:
-            k_aug, k_drop, k_noise1, k_noise2, k_param = jax.random.split(key, 5)
-            if axis_name is not None:  # each device's examples get their own draws
-                index = jax.lax.axis_index(axis_name)
-                k_aug, k_drop = jax.random.fold_in(k_aug, index), jax.random.fold_in(k_drop, index)
-        if augment is not None:
-            batch = augment(k_aug, batch)
-        rng = k_drop if loss_takes_rng else None
-        rngs = rng
-        if num_microbatches > 1:
-            batch = split_microbatches(batch, num_microbatches)
-            rngs = None if rng is None else jax.random.split(rng, num_microbatches)
-        return _StepInputs(batch, rngs, k_noise1, k_noise2, k_param)
-
-    def noisy(tree, key, disturbances):
-        if disturbances is None:
-            return tree
-        return _maybe_add_normal(tree, key, disturbances.grad_noise_std)
-
-    def clean_half(state, inputs, disturbances):
-        params, model_state, _ = state
-        if num_microbatches == 1:
-            grads, loss, new_model_state, metrics = _clean_pass(
-                loss_fn, params, model_state, inputs.batch, num_micro_steps, axis_name, inputs.rngs
-            )
-        else:
-
-            def clean(b, r):
-                return _clean_pass(loss_fn, params, model_state, b, num_micro_steps, axis_name, r)
-
-            grads, losses, stats, metrics = jax.vmap(clean)(inputs.batch, inputs.rngs)
-            loss = jnp.mean(losses)
-            new_model_state, metrics = _mean_micro_steps(stats), _mean_micro_steps(metrics)
-        grads = noisy(grads, inputs.k_noise1, disturbances)
-        return CleanPass(grads, loss, new_model_state, metrics)
-
-    def update_half(state, inputs, clean, disturbances, decision):
-        params, model_state, opt_state = state
-
-        def value_and_grad_fn(p, j=None):
-            batch, rng, k = inputs.batch, inputs.rngs, inputs.k_noise2
-            if j is not None:  # micro-batch j of m
-                batch = jax.tree.map(lambda a: a[j], batch)
-                rng = None if rng is None else rng[j]
-                k = None if k is None else jax.random.fold_in(k, j)
-            loss2, g2 = accumulated_value_and_grad_fn(
-                loss_fn, model_state, batch, num_micro_steps, axis_name=axis_name, rng=rng
-            )(p)
-            return loss2, noisy(g2, k, disturbances)
-
-        # The clean loss rides along so that the diagnostics carry loss, perturbed_loss and
-        # sharpness; the base optimizers of the chain ignore both extra arguments.
-        planned = {} if decision is None else {"second_gradient": decision}
-        updates, opt_state = tx.update(
-            clean.grads,
-            opt_state,
-            params,
-            value_and_grad_fn=value_and_grad_fn,
-            loss=clean.loss,
-            **planned,
-        )
-        params = optax.apply_updates(params, updates)
-        if disturbances is not None:
-            params = _maybe_add_normal(params, inputs.k_param, disturbances.param_noise_std)
-            bias = jnp.asarray(disturbances.param_bias, jnp.float32)
-            params = jax.tree.map(lambda w: (w + bias).astype(w.dtype), params)
-        metrics = {"loss": clean.loss, **clean.metrics}
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        new_model_state = clean.model_state
-        if axis_name is not None:
-            new_model_state = _pmean_floating(new_model_state, axis_name)
-            metrics = jax.lax.pmean(metrics, axis_name)
-        # The core's diagnostics are already device means (it averages them over axis_name).
-        diag = {k: jnp.asarray(v, jnp.float32) for k, v in read_diagnostics(opt_state).items()}
-        return TrainState(params, new_model_state, opt_state), {**diag, **metrics}
+    spec = _StepSpec(
+        loss_fn, tx, axis_name, num_micro_steps, num_microbatches, augment, loss_takes_rng
+    )
 
     def step(
         state: TrainState,
@@ -527,9 +445,9 @@ def make_train_step(
         key: jax.Array | None = None,
         disturbances: Disturbances | None = None,
     ) -> tuple[TrainState, Metrics]:
-        inputs = prepare(batch, key, disturbances)
-        clean = clean_half(state, inputs, disturbances)
-        return update_half(state, inputs, clean, disturbances, second_gradient)
+        inputs = step_inputs(spec, batch, key, disturbances)
+        clean = clean_pass(spec, state, inputs, disturbances)
+        return update_pass(spec, state, inputs, clean, disturbances, second_gradient)
 
     if not split:
         return step
@@ -540,7 +458,7 @@ def make_train_step(
         key: jax.Array | None = None,
         disturbances: Disturbances | None = None,
     ) -> CleanPass:
-        return clean_half(state, prepare(batch, key, disturbances), disturbances)
+        return clean_pass(spec, state, step_inputs(spec, batch, key, disturbances), disturbances)
 
     def update_step(
         state: TrainState,
@@ -551,10 +469,160 @@ def make_train_step(
         *,
         second_gradient: bool | None = None,
     ) -> tuple[TrainState, Metrics]:
-        inputs = prepare(batch, key, disturbances)
-        return update_half(state, inputs, clean, disturbances, second_gradient)
+        inputs = step_inputs(spec, batch, key, disturbances)
+        return update_pass(spec, state, inputs, clean, disturbances, second_gradient)
 
     return SplitTrainStep(clean_step, update_step)
+
+
+# The step's pieces, in the order they run; each a function of the step's spec and its values.
+
+
+class _StepSpec(NamedTuple):
+    """What :func:`make_train_step` was built with (the static part of the step)."""
+
+    loss_fn: LossFn
+    tx: optax.GradientTransformationExtraArgs
+    axis_name: str | None
+    num_micro_steps: int
+    num_microbatches: int
+    augment: Callable[[jax.Array, Batch], Batch] | None
+    loss_takes_rng: bool
+
+
+def step_inputs(
+    spec: _StepSpec, batch: Batch, key: jax.Array | None, disturbances: Disturbances | None
+) -> _StepInputs:
+    """The step's keys, the augmented batch and the dropout keys (split into micro-batches)."""
+    needs_key = spec.augment is not None or spec.loss_takes_rng or disturbances is not None
+    if key is None and needs_key:
+        raise ValueError(
+            "This step uses randomness (augment, loss_takes_rng or disturbances): call it "
+            "as step(state, batch, key), with a JAX key (e.g. fold_in(root, step_count))."
+        )
+    if key is None:
+        k_aug = k_drop = k_noise1 = k_noise2 = k_param = None
+    else:
+        k_aug, k_drop, k_noise1, k_noise2, k_param = jax.random.split(key, 5)
+        if spec.axis_name is not None:  # each device's examples get their own draws
+            index = jax.lax.axis_index(spec.axis_name)
+            k_aug, k_drop = jax.random.fold_in(k_aug, index), jax.random.fold_in(k_drop, index)
+    if spec.augment is not None:
+        batch = spec.augment(k_aug, batch)
+    rngs = k_drop if spec.loss_takes_rng else None
+    if spec.num_microbatches > 1:
+        batch = split_microbatches(batch, spec.num_microbatches)
+        rngs = None if rngs is None else jax.random.split(rngs, spec.num_microbatches)
+    return _StepInputs(batch, rngs, k_noise1, k_noise2, k_param)
+
+
+def _gradient_noise(tree: Any, key: jax.Array | None, disturbances: Disturbances | None) -> Any:
+    if disturbances is None:
+        return tree
+    return _maybe_add_normal(tree, key, disturbances.grad_noise_std)
+
+
+def clean_pass(
+    spec: _StepSpec, state: TrainState, inputs: _StepInputs, disturbances: Disturbances | None
+) -> CleanPass:
+    """Loss, gradient (noisy; stacked over the m micro-batches), new model state, metrics."""
+    params, model_state, _ = state
+
+    def one(batch, rng):
+        return _clean_pass(
+            spec.loss_fn, params, model_state, batch, spec.num_micro_steps, spec.axis_name, rng
+        )
+
+    if spec.num_microbatches == 1:
+        grads, loss, new_model_state, metrics = one(inputs.batch, inputs.rngs)
+    else:
+        grads, losses, stats, metrics = jax.vmap(one)(inputs.batch, inputs.rngs)
+        loss = jnp.mean(losses)
+        new_model_state, metrics = _mean_micro_steps(stats), _mean_micro_steps(metrics)
+    grads = _gradient_noise(grads, inputs.k_noise1, disturbances)
+    return CleanPass(grads, loss, new_model_state, metrics)
+
+
+def second_pass_fn(
+    spec: _StepSpec,
+    model_state: ModelState,
+    inputs: _StepInputs,
+    disturbances: Disturbances | None,
+) -> Callable[..., tuple[jax.Array, Any]]:
+    """``value_and_grad_fn(p, j=None)`` for ``tx.update``: loss and (noisy) gradient at ``p`` on
+    the batch, or on micro-batch ``j``, at the fixed model state."""
+
+    def value_and_grad_fn(p, j=None):
+        batch, rng, k = inputs.batch, inputs.rngs, inputs.k_noise2
+        if j is not None:  # micro-batch j of m
+            batch = jax.tree.map(lambda a: a[j], batch)
+            rng = None if rng is None else rng[j]
+            k = None if k is None else jax.random.fold_in(k, j)
+        loss2, g2 = accumulated_value_and_grad_fn(
+            spec.loss_fn,
+            model_state,
+            batch,
+            spec.num_micro_steps,
+            axis_name=spec.axis_name,
+            rng=rng,
+        )(p)
+        return loss2, _gradient_noise(g2, k, disturbances)
+
+    return value_and_grad_fn
+
+
+def disturb_params(params: Params, inputs: _StepInputs, disturbances: Disturbances | None) -> Any:
+    """``w [+ σ_w N(0, 1)] [+ b]`` after the step (noise-resistant SAM's disturbances)."""
+    if disturbances is None:
+        return params
+    params = _maybe_add_normal(params, inputs.k_param, disturbances.param_noise_std)
+    bias = jnp.asarray(disturbances.param_bias, jnp.float32)
+    return jax.tree.map(lambda w: (w + bias).astype(w.dtype), params)
+
+
+def step_metrics(
+    spec: _StepSpec, clean: CleanPass, opt_state: optax.OptState
+) -> tuple[ModelState, Metrics]:
+    """The new model state and the metrics: loss, ``loss_fn``'s metrics and the optimizer's
+    diagnostics, as float32 device means."""
+    from sharpjax.core import diagnostics as read_diagnostics
+
+    metrics = {"loss": clean.loss, **clean.metrics}
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_model_state = clean.model_state
+    if spec.axis_name is not None:
+        new_model_state = _pmean_floating(new_model_state, spec.axis_name)
+        metrics = jax.lax.pmean(metrics, spec.axis_name)
+    # The core's diagnostics are already device means (it averages them over axis_name).
+    diag = {k: jnp.asarray(v, jnp.float32) for k, v in read_diagnostics(opt_state).items()}
+    return new_model_state, {**diag, **metrics}
+
+
+def update_pass(
+    spec: _StepSpec,
+    state: TrainState,
+    inputs: _StepInputs,
+    clean: CleanPass,
+    disturbances: Disturbances | None,
+    decision: bool | None,
+) -> tuple[TrainState, Metrics]:
+    """``tx.update`` (ε and the second pass inside it), ``w + updates``, the disturbances and
+    the metrics."""
+    params, model_state, opt_state = state
+    # The clean loss rides along so that the diagnostics carry loss, perturbed_loss and
+    # sharpness; the base optimizers of the chain ignore both extra arguments.
+    planned = {} if decision is None else {"second_gradient": decision}
+    updates, opt_state = spec.tx.update(
+        clean.grads,
+        opt_state,
+        params,
+        value_and_grad_fn=second_pass_fn(spec, model_state, inputs, disturbances),
+        loss=clean.loss,
+        **planned,
+    )
+    params = disturb_params(optax.apply_updates(params, updates), inputs, disturbances)
+    new_model_state, metrics = step_metrics(spec, clean, opt_state)
+    return TrainState(params, new_model_state, opt_state), metrics
 
 
 # --------------------------------------------------------------------------------------
@@ -894,16 +962,19 @@ def make_shard_map_train_step(
 
 
 # --------------------------------------------------------------------------------------
-# GSPMD: plain jax.jit over a mesh, the batch sharded (the trainer's path).
+# GSPMD: plain jax.jit over a mesh with named axes (the trainer's path).
 # --------------------------------------------------------------------------------------
 
+DATA, FSDP, MODEL = "data", "fsdp", "model"
+MESH_AXES = (DATA, FSDP, MODEL)
+"""The axes of :func:`make_train_mesh`: ``data`` (replicas, each a whole copy of what the other
+axes split), ``fsdp`` (params, optimizer and rule state split ZeRO-3 style), ``model`` (tensor
+parallel, from flax logical partitioning annotations). The batch is split over every axis but
+``model``."""
 
-def make_mesh(num_devices: int | None = None, axis_name: str = "batch") -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` of ``jax.devices()`` (default: all of them).
 
-    After ``jax.distributed.initialize``, ``jax.devices()`` lists every host's devices, each
-    host's consecutive, so the mesh spans every host.
-    """
+def _mesh_devices(num_devices: int | None) -> list:
+    """The first ``num_devices`` of ``jax.devices()`` (every host's), checked."""
     available = jax.devices()
     if num_devices is None:
         num_devices = len(available)
@@ -917,41 +988,194 @@ def make_mesh(num_devices: int | None = None, axis_name: str = "batch") -> Mesh:
             f"num_devices={num_devices} on {jax.process_count()} processes: a multi-host run "
             f"uses every device ({len(available)}); leave num_devices=None."
         )
-    return Mesh(np.array(available[:num_devices]), (axis_name,))
+    return available[:num_devices]
 
 
-def perturbation_microbatches(mode: str, num_devices: int, group_size: int | None) -> int:
-    """How many perturbations a global batch gets under GSPMD: 1, the devices, or the groups.
+def make_mesh(num_devices: int | None = None, axis_name: str = "batch") -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` of ``jax.devices()`` (default: all of them).
+
+    After ``jax.distributed.initialize``, ``jax.devices()`` lists every host's devices, each
+    host's consecutive, so the mesh spans every host. For a mesh with ``fsdp``/``model`` axes
+    see :func:`make_train_mesh`.
+    """
+    return Mesh(np.array(_mesh_devices(num_devices)), (axis_name,))
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None) -> dict[str, int]:
+    """The sizes of :data:`MESH_AXES` from ``"data=2,fsdp=4"`` (or a dict), for ``num_devices``.
+
+    Axes not named have size 1; ``None`` or ``""`` puts every device on ``data`` (data
+    parallelism, params replicated). The product of the sizes must be ``num_devices`` (not
+    checked when it is None: the device count is not known yet).
+
+    Raises:
+      ValueError: naming ``mesh`` and the fix, for a malformed entry, an unknown axis, a size
+        below 1 or a product that is not the device count.
+    """
+    if spec is None or spec == "":
+        if num_devices is None:
+            raise ValueError("parse_mesh(None, None): give the mesh or the device count.")
+        return {DATA: num_devices, FSDP: 1, MODEL: 1}
+    axes_help = "data (replicas), fsdp (parameters sharded) and model (tensor parallel)"
+    if isinstance(spec, str):
+        sizes: dict[str, Any] = {}
+        for part in spec.split(","):
+            name, sep, value = (t.strip() for t in part.partition("="))
+            if not sep or not value.isdigit():
+                raise ValueError(
+                    f"mesh={spec!r}: {part.strip()!r} is not axis=size. Write e.g. "
+                    f"mesh='data=2,fsdp=4'; the axes are {axes_help}."
+                )
+            if name in sizes:
+                raise ValueError(f"mesh={spec!r} names axis {name!r} twice: name each once.")
+            sizes[name] = int(value)
+    else:
+        sizes = dict(spec)
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(
+            f"mesh={spec!r} names unknown axis {', '.join(map(repr, unknown))}: the axes are "
+            f"{axes_help}."
+        )
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh={spec!r}: the size of axis {name!r} must be an int >= 1.")
+    shape = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    product = math.prod(shape.values())
+    if num_devices is not None and product != num_devices:
+        others = shape[FSDP] * shape[MODEL]
+        hint = (
+            f" (e.g. data={num_devices // others}, keeping fsdp={shape[FSDP]}, "
+            f"model={shape[MODEL]})"
+            if num_devices % others == 0
+            else ""
+        )
+        raise ValueError(
+            f"mesh={spec!r} spans data × fsdp × model = {shape[DATA]} × {shape[FSDP]} × "
+            f"{shape[MODEL]} = {product} devices, but the run has {num_devices}: make the "
+            f"product {num_devices}{hint}, or set num_devices={product}."
+        )
+    return shape
+
+
+def format_mesh(mesh: Mesh) -> str:
+    """``"data=2,fsdp=4,model=1"``: the mesh's axes and sizes, as :func:`parse_mesh` reads them."""
+    return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def make_train_mesh(
+    spec: str | Mapping[str, int] | None = None, num_devices: int | None = None
+) -> Mesh:
+    """The mesh ``data × fsdp × model`` (:data:`MESH_AXES`) over ``num_devices`` devices.
+
+    ``spec`` as :func:`parse_mesh` reads it (``"data=2,fsdp=4"``; None: all on ``data``).
+    Devices are laid out data-major, so a replica's ``fsdp × model`` devices are consecutive
+    (on several hosts, ``fsdp`` spans hosts only when a host holds fewer devices than a
+    replica).
+    """
+    devices = _mesh_devices(num_devices)
+    shape = parse_mesh(spec, len(devices))
+    grid = np.array(devices).reshape(tuple(shape[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes the batch is split over: every axis of ``mesh`` but ``model``."""
+    return tuple(a for a in mesh.axis_names if a != MODEL)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch's sharding: its leading axis split over :func:`batch_axes`."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces the global batch is split into (the product of :func:`batch_axes`)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def replica_size(mesh: Mesh) -> int:
+    """Devices per replica: those of the axes that split the params (``fsdp × model``)."""
+    return math.prod(size for name, size in mesh.shape.items() if name in (FSDP, MODEL))
+
+
+def perturbation_microbatches(
+    mode: str, num_devices: int, group_size: int | None, replica_devices: int = 1
+) -> int:
+    """How many perturbations a global batch gets under GSPMD: 1, the replicas, or the groups.
 
     ``"synced"``: one ε from the global-batch gradient (1 device's SAM); ``"per_device"``: one
-    per device's shard (m-sharpness with m = devices); ``"grouped"``: one per group of
-    ``group_size`` consecutive devices. The step then runs with ``num_microbatches`` = this.
+    per replica's shard of the batch, i.e. per device when the params are replicated
+    (m-sharpness with m = replicas = the mesh's ``data`` size); ``"grouped"``: one per group of
+    ``group_size`` consecutive devices, a whole number of replicas. ``replica_devices``: the
+    devices one replica spans (``fsdp × model``, :func:`replica_size`). The step then runs with
+    ``num_microbatches`` = this.
+
+    Raises:
+      ValueError: before anything compiles, for a mode the mesh cannot express: per-device
+        with a single replica spanning several devices (one ε per device would need every
+        device to hold all params), or groups that split a replica.
     """
     if mode == "synced":
         return 1
-    if mode == "per_device":
-        return num_devices
-    if mode != "grouped":
+    if mode not in ("per_device", "grouped"):
         raise ValueError(f"perturbation_mode={mode!r} is not 'per_device', 'synced' or 'grouped'.")
-    if not isinstance(group_size, int) or group_size < 1 or num_devices % group_size:
+    if not isinstance(replica_devices, int) or replica_devices < 1 or num_devices % replica_devices:
         raise ValueError(
-            f"group_size={group_size!r} must be a positive divisor of the {num_devices} devices "
-            f"(perturbation_mode='grouped'): choose one of "
-            f"{[d for d in range(1, num_devices + 1) if num_devices % d == 0]}, or change "
-            "num_devices."
+            f"replica_devices={replica_devices!r} must be a positive divisor of the "
+            f"{num_devices} devices."
+        )
+    replicas = num_devices // replica_devices
+    if mode == "per_device":
+        if replicas == 1 and num_devices > 1:
+            raise ValueError(
+                f"perturbation_mode='per_device' takes one ε per replica along the mesh's "
+                f"'data' axis, and this mesh has one replica spanning all {num_devices} devices "
+                "(its parameters are split over them, so no device can perturb them alone): "
+                "use perturbation_mode='synced', or put devices on 'data' (e.g. "
+                "mesh='data=2,fsdp=...')."
+            )
+        return replicas
+    choices = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    if replica_devices > 1:
+        choices = [d for d in choices if d % replica_devices == 0]
+    if not isinstance(group_size, int) or group_size not in choices:
+        span = (
+            f", and a multiple of the {replica_devices} devices of one replica (fsdp × model; "
+            "a group cannot split a replica)"
+            if replica_devices > 1
+            else ""
+        )
+        raise ValueError(
+            f"group_size={group_size!r} must be a positive divisor of the {num_devices} devices"
+            f"{span} (perturbation_mode='grouped'): choose one of {choices}, or change the "
+            "mesh."
         )
     return num_devices // group_size
 
 
 def check_global_batch(
-    batch_size: int, num_devices: int, num_micro_steps: int = 1, num_microbatches: int = 1
+    batch_size: int,
+    num_devices: int,
+    num_micro_steps: int = 1,
+    num_microbatches: int = 1,
+    num_shards: int | None = None,
 ) -> None:
-    """A clear error, before anything compiles, when the global batch does not split evenly."""
-    if batch_size % num_devices:
+    """A clear error, before anything compiles, when the global batch does not split evenly.
+
+    ``num_shards``: the pieces the batch is split into (:func:`batch_shards`; default: one per
+    device, as on a 1-D mesh).
+    """
+    shards = num_devices if num_shards is None else num_shards
+    if batch_size % shards:
+        where = (
+            f"the {num_devices} devices (num_devices={num_devices})"
+            if shards == num_devices
+            else f"the {shards} batch shards (the mesh's data × fsdp)"
+        )
         raise ValueError(
-            f"batch_size={batch_size} is not a multiple of the {num_devices} devices "
-            f"(num_devices={num_devices}): use a batch_size that is, or set num_devices to a "
-            "divisor of batch_size."
+            f"batch_size={batch_size} is not a multiple of {where}: use a batch_size that is, "
+            "or change the mesh / num_devices to divide batch_size."
         )
     per = num_microbatches * num_micro_steps
     if batch_size % per:
@@ -962,13 +1186,203 @@ def check_global_batch(
         )
 
 
-def shard_batch(mesh: Mesh, local_batch: Batch, axis_name: str = "batch") -> Batch:
-    """The global batch, sharded on its leading axis, from this process's rows.
+# ---- where each leaf of the state lives ----
+
+
+def _leaf_name(path: Any) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _mesh_axes_of(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
+def _param_spec(
+    name: str, shape: tuple[int, ...], mesh: Mesh, mapped: tuple[Any, ...] | None
+) -> tuple[P, str | None]:
+    """One leaf's spec: ``mapped`` (its logical annotation on the mesh's axes, or None), then
+    ``fsdp`` on its largest free dimension that the fsdp size divides. Returns the spec and,
+    when a split was wanted but a dimension does not divide, why it is not split."""
+    dims: list[Any] = list(mapped) if mapped is not None else []
+    dims += [None] * (len(shape) - len(dims))
+    unsplit = None
+    for i, entry in enumerate(dims):
+        axes = _mesh_axes_of(entry)
+        unknown = [a for a in axes if a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(
+                f"Parameter {name!r}: its partitioning maps dimension {i} to mesh axis "
+                f"{unknown[0]!r}, which the mesh {dict(mesh.shape)} does not have: map the "
+                f"logical axis to one of {mesh.axis_names} (or None) in the rules."
+            )
+        size = math.prod(mesh.shape[a] for a in axes)
+        if shape[i] % size:
+            dims[i] = None
+            unsplit = f"dim {i} ({shape[i]}) not divisible by {'×'.join(axes)}={size}"
+    fsdp = mesh.shape.get(FSDP, 1)
+    used = {a for entry in dims for a in _mesh_axes_of(entry)}
+    if fsdp == 1 or FSDP in used:
+        return P(*dims), unsplit
+    free = [i for i in range(len(shape)) if dims[i] is None and shape[i] % fsdp == 0]
+    if not free:
+        return P(*dims), unsplit or f"no dimension divisible by fsdp={fsdp}"
+    # ZeRO-3: the largest dimension carries the split (the first one on a tie).
+    dims[max(free, key=lambda i: (shape[i], -i))] = FSDP
+    return P(*dims), unsplit
+
+
+def param_shardings(
+    params: Params,
+    mesh: Mesh,
+    *,
+    logical_specs: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    warn: bool = True,
+) -> Any:
+    """The ``NamedSharding`` of every parameter on ``mesh`` (ZeRO-3 / FSDP and tensor parallel).
+
+    Each leaf is split over ``model`` (and any axis) where its flax logical annotation says
+    (``logical_specs``: the tree of ``nn.get_partition_spec(variables)["params"]``, mapped to
+    mesh axes by ``rules``, flax's ``(logical, mesh axis)`` pairs), then over ``fsdp`` along its
+    largest remaining dimension that the fsdp size divides. A leaf with no such dimension is
+    replicated over ``fsdp``, and a logical split that does not divide is dropped; these
+    leaves are listed in one warning (``warn=True``). On a mesh without
+    ``fsdp``/``model`` (or of size 1) every leaf is replicated: data parallelism.
+
+    ``params`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is allocated.
+    """
+    import flax.linen as nn  # only for the logical annotations
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mapped: list[Any] = [None] * len(leaves)
+    if logical_specs is not None:
+        specs = treedef.flatten_up_to(logical_specs)
+        if rules is None and any(len(s) for s in specs):
+            raise ValueError(
+                "logical_specs are given without rules: pass rules=(('embed', 'fsdp'), "
+                "('mlp', 'model'), ...), the flax logical-to-mesh axis pairs."
+            )
+        mapped = [tuple(nn.logical_to_mesh_axes(s, rules)) if len(s) else None for s in specs]
+    elif mesh.shape.get(MODEL, 1) > 1:
+        raise ValueError(
+            f"The mesh has model={mesh.shape[MODEL]} but the model has no logical partitioning "
+            "annotations (nn.with_logical_partitioning) to say which dimensions to split: use "
+            "a model that has them, or put those devices on 'data' or 'fsdp'."
+        )
+    out, replicated = [], []
+    for (path, leaf), m in zip(leaves, mapped, strict=True):
+        spec, unsplit = _param_spec(_leaf_name(path), tuple(jnp.shape(leaf)), mesh, m)
+        if unsplit:
+            replicated.append(f"{_leaf_name(path)} {tuple(jnp.shape(leaf))}: {unsplit}")
+        out.append(NamedSharding(mesh, spec))
+    if replicated and warn:
+        warnings.warn(
+            f"On mesh {format_mesh(mesh)}, {len(replicated)} parameter(s) are not split as "
+            f"asked, so they are replicated along those axes: {'; '.join(replicated)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return jax.tree.unflatten(treedef, out)
+
+
+class _Placed:
+    """A parameter's sharding and shape, as one (non-pytree) leaf for optax.tree_map_params."""
+
+    def __init__(self, sharding: NamedSharding, shape: tuple[int, ...]):
+        self.sharding, self.shape = sharding, shape
+
+
+def _like_param(leaf: Any, placed: _Placed) -> NamedSharding:
+    """A state leaf shaped like its parameter takes its sharding; one with extra leading axes
+    (a rule's per-micro-batch state, ``(m, *shape)``) too, unsplit along those axes."""
+    shape = tuple(jnp.shape(leaf))
+    extra = len(shape) - len(placed.shape)
+    if extra >= 0 and shape[extra:] == placed.shape:
+        return NamedSharding(placed.sharding.mesh, P(*([None] * extra), *placed.sharding.spec))
+    return NamedSharding(placed.sharding.mesh, P())
+
+
+def opt_state_shardings(
+    tx: optax.GradientTransformation, params: Params, shardings: Any, opt_state: Any = None
+) -> Any:
+    """The optimizer state's shardings: every copy of the params in it (momentum, Adam's
+    moments, VaSSO's ``d``, LookSAM's ``g_v``, ...) sharded like the params, the rest (counts,
+    diagnostics, keys) replicated.
+
+    Found with ``optax.tree_utils.tree_map_params``, which initialises ``tx`` on a placeholder
+    to tell the copies of the params from the other leaves. ``opt_state`` defaults to
+    ``jax.eval_shape(tx.init, params)``.
+    """
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    replicated = NamedSharding(mesh, P())
+    if opt_state is None:
+        opt_state = jax.eval_shape(tx.init, params)
+    placed = jax.tree.map(
+        lambda s, p: _Placed(s, tuple(jnp.shape(p))),
+        shardings,
+        params,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return optax.tree_utils.tree_map_params(
+        tx,
+        _like_param,
+        opt_state,
+        placed,
+        transform_non_params=lambda v: jax.tree.map(lambda _: replicated, v),
+        is_leaf=lambda x: isinstance(x, _Placed),
+    )
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Params,
+    model_state: ModelState,
+    mesh: Mesh,
+    *,
+    logical_specs: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> TrainState:
+    """Where a :class:`TrainState` lives on ``mesh``: params by :func:`param_shardings`, the
+    optimizer and rule state by :func:`opt_state_shardings`, the model state (BatchNorm
+    statistics: small) replicated."""
+    params_sh = param_shardings(params, mesh, logical_specs=logical_specs, rules=rules)
+    replicated = NamedSharding(mesh, P())
+    return TrainState(
+        params_sh,
+        jax.tree.map(lambda _: replicated, model_state),
+        opt_state_shardings(tx, params, params_sh),
+    )
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Every leaf of ``tree`` (host values, the same on every process) as a global array laid out
+    as ``shardings`` says (a tree of shardings, or one for all), in fresh buffers.
+
+    Leaves must convert to NumPy arrays; pass JAX keys as ``jax.random.key_data(key)``.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def shard_batch(
+    mesh: Mesh, local_batch: Batch, axis_name: str | tuple[str, ...] | None = None
+) -> Batch:
+    """The global batch, its leading axis split over ``axis_name`` (default: every axis of
+    ``mesh`` but ``model``, :func:`batch_axes`), from this process's rows.
 
     With ``n`` processes, process ``i`` passes rows ``[i B/n, (i + 1) B/n)`` of the global
     batch (the whole batch on one host). The transfer is asynchronous.
     """
-    sharding = NamedSharding(mesh, P(axis_name))
+    axes = batch_axes(mesh) if axis_name is None else axis_name
+    sharding = NamedSharding(mesh, P(axes))
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
@@ -979,57 +1393,60 @@ def replicate_on(mesh: Mesh, tree: Any) -> Any:
 
     Leaves must convert to NumPy arrays; pass JAX keys as ``jax.random.key_data(key)``.
     """
-    sharding = NamedSharding(mesh, P())
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
+    return put_global(tree, NamedSharding(mesh, P()))
 
 
 def make_sharded_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformationExtraArgs,
     mesh: Mesh,
-    axis_name: str = "batch",
+    axis_name: str | None = None,
     *,
     perturbation_mode: str = "synced",
     group_size: int | None = None,
     num_micro_steps: int = 1,
     augment: Callable[[jax.Array, Batch], Batch] | None = None,
     loss_takes_rng: bool = False,
+    shardings: TrainState | None = None,
     donate: bool = True,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
-    """:func:`make_train_step` under plain ``jax.jit``, the batch sharded over ``mesh`` (GSPMD).
+    """:func:`make_train_step` under plain ``jax.jit`` on ``mesh`` (GSPMD).
 
-    Why GSPMD and not shard_map for the trainer: the program is the single-device program, so
-    synced mode on N devices *is* one device's SAM on the global batch, BatchNorm included
-    (statistics over the global batch), with augmentation and dropout drawn for the global
-    batch, and nothing to cast to "varying". Per-device and grouped modes are m-sharpness with
-    one micro-batch per device or per group (:func:`perturbation_microbatches`): the step
-    splits the batch into that many contiguous micro-batches, whose leading axis lines up with
-    the mesh, so the vmapped passes run on their own devices. ``tx`` is therefore built
-    *without* ``axis_name``, with ``num_microbatches`` = that count when it is > 1 (e.g.
-    ``sharpjax.msam(rho, num_microbatches=num_devices)``).
+    The batch is split over every axis but ``model`` (:func:`batch_axes`; ``axis_name``
+    narrows it to one axis of a 1-D mesh). The state lives where ``shardings`` says
+    (:func:`state_shardings`: params and optimizer state split over ``fsdp``/``model``;
+    default: replicated, data parallelism); GSPMD inserts the gathers before each use of a
+    split parameter and the reductions of the gradients, so the program is still the
+    single-device program: synced mode on any mesh is one device's SAM on the global batch,
+    its ``‖g‖²`` the sum of the shards' sums over the axes that hold distinct shards (each
+    shard counted once, whatever the replication), BatchNorm over the global batch, the same
+    random draws as on one device, the same code on one host or many.
 
-    Per-device and grouped modes run their micro-batches' second passes in parallel when
-    ``tx`` is built with ``microbatch_execution="parallel"`` (the trainer does): a vmap over
-    the micro-batch axis, which GSPMD splits over the devices, so each device computes its
-    own. With the default ``"sequential"`` (a ``lax.scan``) the program gathers every
-    micro-batch onto every device and runs them one after another: correct, N times slower.
+    Per-device and grouped modes are m-sharpness with one micro-batch per replica (a replica is
+    the ``fsdp × model`` devices of one ``data`` index) or per group of replicas
+    (:func:`perturbation_microbatches`): the step splits the batch into that many contiguous
+    micro-batches, whose leading axis lines up with ``data``, so the vmapped passes run on
+    their own replicas. ``tx`` is therefore built *without* ``axis_name``, with
+    ``num_microbatches`` = that count when it is > 1 and ``microbatch_execution="parallel"``
+    (with ``"sequential"``, a ``lax.scan``, the program gathers every micro-batch onto every
+    device and runs them one after another: correct, m times slower).
 
     Returns:
-      ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``, jitted; ``state``
-      replicated (:func:`replicate_on`), ``batch`` sharded (:func:`shard_batch`); outputs are
+      ``step(state, batch, key=None, disturbances=None) -> (state, metrics)``, jitted; place
+      ``state`` with :func:`put_global` (or :func:`replicate_on`) and ``batch`` with
+      :func:`shard_batch`; the new state comes back laid out as ``shardings``, the metrics
       replicated. The input state is donated unless ``donate=False``.
     """
-    if axis_name not in mesh.axis_names:
+    if axis_name is not None and axis_name not in mesh.axis_names:
         raise ValueError(
             f"axis_name={axis_name!r} is not an axis of the mesh, whose axes are {mesh.axis_names}."
         )
+    if axis_name is None:
+        num_devices, replica = mesh.devices.size, replica_size(mesh)
+    else:
+        num_devices, replica = mesh.shape[axis_name], 1
     num_microbatches = perturbation_microbatches(
-        perturbation_mode, mesh.shape[axis_name], group_size
+        perturbation_mode, num_devices, group_size, replica
     )
     step = make_train_step(
         loss_fn,
@@ -1040,4 +1457,7 @@ def make_sharded_train_step(
         loss_takes_rng=loss_takes_rng,
     )
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, out_shardings=replicated, donate_argnums=(0,) if donate else ())
+    state_out = replicated if shardings is None else shardings
+    return jax.jit(
+        step, out_shardings=(state_out, replicated), donate_argnums=(0,) if donate else ()
+    )

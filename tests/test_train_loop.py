@@ -52,7 +52,9 @@ def test_sam_on_digits_learns(digits, tmp_path):
     assert result.final["test_accuracy"] > 0.85  # chance is 0.10
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved == json.loads(json.dumps(config.to_dict())) and saved["seed"] == 0
+    # config.json records the device layout the run resolved (1 device in this process).
+    resolved = config.replace(num_devices=1, mesh="data=1,fsdp=1,model=1")
+    assert saved == json.loads(json.dumps(resolved.to_dict())) and saved["seed"] == 0
     final = json.loads((tmp_path / "run" / "result.json").read_text())
     assert final["final"] == result.final and final["epochs"] == 4
 
@@ -233,7 +235,6 @@ def test_workdir_is_created_with_absolute_paths(digits, tmp_path, monkeypatch):
 
 def test_seed_and_noise_sweep_compiles_the_step_once(digits):
     """Seed and disturbance scales are traced: one compiled program serves the whole sweep."""
-    from sharpjax import parallel
     from sharpjax.train import loop
 
     sweep = [
@@ -247,7 +248,7 @@ def test_seed_and_noise_sweep_compiles_the_step_once(digits):
     ]
     results = [train(config, digits) for config in sweep]
     model = results[0].model
-    _, step, _ = loop.compiled_functions(model, sweep[0], 2, parallel.make_mesh(None))
+    _, step, _ = loop.compiled_functions(model, sweep[0], 2, loop.train_mesh(sweep[0]))
     assert step._cache_size() == 1
     # ... and every run was different: the seed, the noise scales and the bias reached it.
     flats = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.params)]) for r in results]

@@ -98,6 +98,11 @@ RUNTIME_FIELDS = (
     "max_checkpoints",
     "stop_after_epochs",
     "overwrite",
+    # The device layout: synced mode computes the same run on any mesh (up to float32 rounding),
+    # so a run may resume on another one; the loop refuses a resume whose per-device or grouped
+    # mode would take another number of perturbations.
+    "num_devices",
+    "mesh",
 )
 
 
@@ -144,17 +149,22 @@ class TrainConfig:
         second gradients are accumulated at w + ε (full-batch SAM at the activation memory of
         one micro-step); must divide ``batch_size`` (per perturbation micro-batch).
 
-    Devices (see :mod:`sharpjax.parallel`; the step runs under ``jax.jit`` with the batch
-    sharded over a mesh of ``num_devices`` devices, params and optimizer state replicated):
+    Devices (see :mod:`sharpjax.parallel`; the step runs under ``jax.jit`` on a mesh of
+    ``num_devices`` devices with axes data × fsdp × model, the batch split over data × fsdp):
       num_devices: devices of the mesh; None: every device JAX sees (every host's after
         ``jax.distributed.initialize``). Must divide ``batch_size``.
+      mesh: the mesh's axis sizes, e.g. ``"data=2,fsdp=4"``: ``data`` replicas, ``fsdp``
+        devices splitting the params, optimizer and rule state (ZeRO-3), ``model`` tensor
+        parallel (models with partitioning annotations); unnamed axes have size 1 and the
+        product must be the device count. None: every device on ``data`` (params replicated).
       perturbation_mode: ``"synced"`` (default: one ε from the global-batch gradient, so the
-        run is the same on any number of devices), ``"per_device"`` (one ε per device's shard,
-        the original SAM's m-sharpness: mSAM with m = num_devices) or ``"grouped"`` (one ε
-        per group of ``group_size`` consecutive devices). With ``optimizer="msam"`` each device
-        or group is further split into ``num_microbatches`` micro-batches.
+        run is the same on any mesh), ``"per_device"`` (one ε per replica's shard, i.e. per
+        device when the params are replicated: the original SAM's m-sharpness, mSAM with m =
+        the replicas) or ``"grouped"`` (one ε per group of ``group_size`` consecutive
+        devices). With ``optimizer="msam"`` each replica or group is further split into
+        ``num_microbatches`` micro-batches.
       group_size: devices per group with ``perturbation_mode="grouped"``; must divide the
-        device count.
+        device count (and be a whole number of replicas).
 
     Disturbances (the noise-resistant SAM settings):
       grad_noise_std: std of Gaussian noise added to every gradient evaluation (DP-SGD-like
@@ -207,6 +217,7 @@ class TrainConfig:
     num_micro_steps: int = 1
     # devices
     num_devices: int | None = None
+    mesh: str | None = None
     perturbation_mode: str = "synced"
     group_size: int | None = None
     # disturbances
@@ -308,11 +319,22 @@ def _check_devices(config: TrainConfig) -> None:
             f"group_size={g} is only used with perturbation_mode='grouped' "
             f"(perturbation_mode={config.perturbation_mode!r}): remove it or switch the mode."
         )
-    if n is not None and config.batch_size % n:
+    if n is not None and config.batch_size % n and config.mesh is None:
         raise ValueError(
             f"batch_size={config.batch_size} is not a multiple of num_devices={n}: use a "
             "batch_size that is, or a num_devices that divides it."
         )
+    if config.mesh is not None:
+        from sharpjax.parallel import parse_mesh
+
+        shape = parse_mesh(config.mesh, n)  # the axes' names and sizes; the count if known
+        shards = shape["data"] * shape["fsdp"]
+        if config.batch_size % shards:
+            raise ValueError(
+                f"batch_size={config.batch_size} is not a multiple of the {shards} batch shards "
+                f"of mesh={config.mesh!r} (data × fsdp): use a batch_size that is, or another "
+                "mesh."
+            )
 
 
 def validate(config: TrainConfig) -> None:
@@ -611,19 +633,22 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def perturbation_microbatches(config: TrainConfig, num_devices: int) -> int:
+def perturbation_microbatches(
+    config: TrainConfig, num_devices: int, replica_devices: int = 1
+) -> int:
     """How many perturbations (ε) one global batch gets: the step's ``num_microbatches``.
 
-    The mode's count (1 synced, ``num_devices`` per device, devices/``group_size`` grouped;
-    :func:`sharpjax.parallel.perturbation_microbatches`) times mSAM's ``num_microbatches``;
-    1 for the plain base optimizers, which take no second gradient.
+    The mode's count (1 synced, the replicas per device, devices/``group_size`` grouped;
+    :func:`sharpjax.parallel.perturbation_microbatches`; ``replica_devices``: the devices of
+    one replica, fsdp × model) times mSAM's ``num_microbatches``; 1 for the plain base
+    optimizers, which take no second gradient.
     """
     from sharpjax.parallel import perturbation_microbatches as per_mode
 
     if config.optimizer in BASE_OPTIMIZERS:
         return 1
     m = config.num_microbatches if config.optimizer == "msam" else 1
-    return per_mode(config.perturbation_mode, num_devices, config.group_size) * m
+    return per_mode(config.perturbation_mode, num_devices, config.group_size, replica_devices) * m
 
 
 def make_optimizer(

@@ -3,13 +3,18 @@
 The step is :func:`sharpjax.parallel.make_train_step` (see its docstring for the data flow:
 augmentation, clean pass, ``tx.update(..., grad_fn=...)``, disturbances, BatchNorm statistics
 from the clean pass); this module only jits it over a mesh and runs the epochs, evaluation,
-checkpoints and metrics around it. It runs under plain ``jax.jit`` with the global batch
-sharded on the mesh's ``"batch"`` axis (GSPMD) and params, optimizer state and BatchNorm
-statistics replicated; the mesh spans ``config.num_devices`` devices (default: all devices of
-all hosts). One device is the same program on a mesh of one, and in the default ``"synced"``
-perturbation mode N devices compute what one device computes on the same global batch.
-``"per_device"``/``"grouped"`` are m-sharpness with one micro-batch per device/group
+checkpoints and metrics around it. It runs under plain ``jax.jit`` (GSPMD) on the mesh
+``data × fsdp × model`` of ``config.mesh`` over ``config.num_devices`` devices (default: all
+devices of all hosts on ``data``, params replicated): the global batch is split over
+``data × fsdp``, the params and every copy of them in the optimizer and rule state over
+``fsdp`` (ZeRO-3) and ``model`` (:func:`state_layout`), the BatchNorm statistics replicated.
+One device is the same program on a mesh of one, and in the default ``"synced"`` perturbation
+mode any mesh computes what one device computes on the same global batch.
+``"per_device"``/``"grouped"`` are m-sharpness with one micro-batch per replica/group
 (:func:`sharpjax.parallel.make_sharded_train_step` says why this design).
+
+:func:`train` is three named steps: :func:`setup` (data, model, mesh, compiled step, state
+placed on the mesh, resume), :func:`run_epoch` per epoch, :func:`teardown` (result files).
 
 Input pipeline: each process gathers only its rows of every global batch
 (``jax.process_index()``), and batches are transferred to the mesh two steps ahead
@@ -32,6 +37,7 @@ import functools
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +75,6 @@ from sharpjax.train.config import (
 )
 
 EVAL_BATCH_SIZE = 1024
-BATCH_AXIS = "batch"
 
 
 @dataclasses.dataclass
@@ -132,12 +137,29 @@ def init_model(model: nn.Module, sample: np.ndarray, seed: int) -> tuple[Any, An
 
     ``batch_stats`` is ``{}`` when the model has no BatchNorm.
     """
+    variables = _unboxed(_init_variables(model, jnp.asarray(sample[:1]), seed))
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def _init_variables(model: nn.Module, sample: Any, seed: int) -> Any:
+    """``model.init`` as the trainer calls it (under ``jax.eval_shape`` too: nothing runs)."""
     init_key, _ = run_keys(seed)
     params_key, dropout_key = jax.random.split(init_key)
-    variables = model.init(
-        {"params": params_key, "dropout": dropout_key}, jnp.asarray(sample[:1]), train=False
-    )
-    return variables["params"], variables.get("batch_stats", {})
+    return model.init({"params": params_key, "dropout": dropout_key}, sample, train=False)
+
+
+def _has_boxes(tree: Any) -> bool:
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return any(is_box(x) for x in jax.tree.leaves(tree, is_leaf=is_box))
+
+
+def _unboxed(variables: Any) -> Any:
+    """Plain arrays: models with partitioning annotations (the transformers) return boxes."""
+    if not _has_boxes(variables):
+        return variables
+    from sharpjax.models import partitioning
+
+    return partitioning.unbox(variables)
 
 
 def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -201,19 +223,75 @@ def step_inputs(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     return parallel.replicate_on(mesh, hyper)
 
 
+def train_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+    """The run's mesh ``data × fsdp × model``: ``config.mesh`` over ``config.num_devices``."""
+    return parallel.make_train_mesh(config.mesh, config.num_devices)
+
+
+def state_layout(
+    model: nn.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    mesh: jax.sharding.Mesh,
+    sample: jax.ShapeDtypeStruct | None = None,
+) -> dict[str, Any]:
+    """Where the trainer's state ``{"params", "opt_state", "batch_stats", "step"}`` lives.
+
+    Params split over ``fsdp``/``model`` (:func:`sharpjax.parallel.param_shardings`, with the
+    model's logical annotations and :data:`sharpjax.models.partitioning.LOGICAL_AXIS_RULES`
+    when it has them), every copy of the params in the optimizer and rule state likewise,
+    BatchNorm statistics and the step counter replicated. ``sample``: one input example
+    (abstract: nothing is allocated); not needed on a mesh that splits no params, where the
+    whole state is replicated.
+    """
+    replicated = NamedSharding(mesh, P())
+    if parallel.replica_size(mesh) == 1:
+        return {
+            "params": replicated,
+            "opt_state": replicated,
+            "batch_stats": replicated,
+            "step": replicated,
+        }
+    if sample is None:
+        raise ValueError("state_layout: a mesh that splits the params needs the input sample.")
+    variables = jax.eval_shape(lambda x: _init_variables(model, x, 0), sample)
+    logical, rules = None, None
+    if _has_boxes(variables):
+        from sharpjax.models import partitioning
+
+        logical = partitioning.logical_partition_specs(variables)["params"]
+        rules = partitioning.rules_for_mesh(mesh.axis_names)
+        variables = partitioning.unbox(variables)
+    shardings = parallel.state_shardings(
+        tx,
+        variables["params"],
+        variables.get("batch_stats", {}),
+        mesh,
+        logical_specs=logical,
+        rules=rules,
+    )
+    return {
+        "params": shardings.params,
+        "opt_state": shardings.opt_state,
+        "batch_stats": replicated,
+        "step": replicated,
+    }
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformationExtraArgs,
     config: TrainConfig,
     mesh: jax.sharding.Mesh,
+    layout: dict[str, Any] | None = None,
 ) -> Callable:
     """The jitted ``step(state, sums, batch, hyper) -> (state, sums)`` of the trainer.
 
     It runs :func:`sharpjax.parallel.make_train_step` (the one sharpness-aware step) under
-    ``jax.jit`` with ``batch = (x, y)`` sharded over ``mesh`` (GSPMD) and everything else
-    replicated, and adds its metrics to the epoch's ``sums`` on device. ``state`` is
-    ``{"params", "opt_state", "batch_stats", "step"}``; ``hyper`` is :func:`step_inputs`
-    (the step's key is ``fold_in(hyper["key"], state["step"])``).
+    ``jax.jit`` with ``batch = (x, y)`` split over the mesh's batch axes, the state laid out as
+    ``layout`` says (:func:`state_layout`; default: replicated) and kept so, and adds its
+    metrics to the epoch's ``sums`` on device. ``state`` is ``{"params", "opt_state",
+    "batch_stats", "step"}``; ``hyper`` is :func:`step_inputs` (the step's key is
+    ``fold_in(hyper["key"], state["step"])``).
 
     On CPU devices the efficient variants avoid ``lax.cond`` (a conv gradient under it runs
     many times slower on XLA:CPU, ``experiments/bench_cond.py``): LookSAM and RST, whose
@@ -223,15 +301,16 @@ def make_train_step(
     clean gradient and the decision, then the update with or without the second gradient).
     Elsewhere: one program with the ``lax.cond``.
     """
+    layout = layout or state_layout(model, tx, mesh)
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     if on_cpu and config.optimizer in DECIDED_AHEAD:
         return planned_step(
-            lambda decision: _make_train_step(model, tx, config, mesh, decision),
+            lambda decision: _make_train_step(model, tx, config, mesh, decision, layout),
             lambda state, *_: state["opt_state"],
         )
     if on_cpu and config.optimizer in DECIDED_FROM_GRADIENT:
-        return _make_split_train_step(model, tx, config, mesh)
-    return _make_train_step(model, tx, config, mesh, None)
+        return _make_split_train_step(model, tx, config, mesh, layout)
+    return _make_train_step(model, tx, config, mesh, None, layout)
 
 
 def _step_parts(
@@ -245,12 +324,11 @@ def _step_parts(
     """The core step (:func:`sharpjax.parallel.make_train_step`), and the trainer's wrapping:
     ``inputs(state, hyper) -> (train_state, key, disturbances)`` and
     ``finish(state, sums, new, metrics) -> (state, sums)``."""
-    num_devices = mesh.devices.size
     core_step = parallel.make_train_step(
         make_loss_fn(model),
         tx,
         num_micro_steps=config.num_micro_steps,
-        num_microbatches=perturbation_microbatches(config, num_devices),
+        num_microbatches=_perturbations(config, mesh),
         augment=(lambda key, b: (augment_crop_flip(key, b[0]), b[1])) if config.augment else None,
         loss_takes_rng=True,
         second_gradient=second_gradient,
@@ -278,26 +356,33 @@ def _step_parts(
     return core_step, inputs, finish
 
 
+def _perturbations(config: TrainConfig, mesh: jax.sharding.Mesh) -> int:
+    """The step's ``num_microbatches``: ε per global batch for the config's mode on ``mesh``."""
+    return perturbation_microbatches(config, mesh.devices.size, parallel.replica_size(mesh))
+
+
 def _make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformationExtraArgs,
     config: TrainConfig,
     mesh: jax.sharding.Mesh,
     second_gradient: bool | None,
+    layout: dict[str, Any] | None = None,
 ) -> Callable:
     one_step, inputs, finish = _step_parts(model, tx, config, mesh, second_gradient=second_gradient)
+    layout = layout or state_layout(model, tx, mesh)
 
     def step(state, sums, batch, hyper):
         train_state, key, disturbances = inputs(state, hyper)
         return finish(state, sums, *one_step(train_state, batch, key, disturbances))
 
     replicated = NamedSharding(mesh, P())
-    batched = NamedSharding(mesh, P(BATCH_AXIS))
+    batched = parallel.batch_sharding(mesh)
     # The state and the sums are donated: one copy of the params and optimizer state on device.
     return jax.jit(
         step,
-        in_shardings=(replicated, replicated, batched, replicated),
-        out_shardings=replicated,
+        in_shardings=(layout, replicated, batched, replicated),
+        out_shardings=(layout, replicated),
         donate_argnums=(0, 1),
     )
 
@@ -307,10 +392,12 @@ def _make_split_train_step(
     tx: optax.GradientTransformationExtraArgs,
     config: TrainConfig,
     mesh: jax.sharding.Mesh,
+    layout: dict[str, Any] | None = None,
 ) -> Callable:
     """:func:`make_train_step` for AE-SAM on CPU: the clean half and the decision in one
     program, the update (with or without the second gradient) in one of two others."""
     halves, inputs, finish = _step_parts(model, tx, config, mesh, split=True)
+    layout = layout or state_layout(model, tx, mesh)
 
     def clean(state, batch, hyper):
         train_state, key, disturbances = inputs(state, hyper)
@@ -325,15 +412,14 @@ def _make_split_train_step(
         return finish(state, sums, new, metrics)
 
     replicated = NamedSharding(mesh, P())
-    batched = NamedSharding(mesh, P(BATCH_AXIS))
-    clean_program = jax.jit(
-        clean, in_shardings=(replicated, batched, replicated), out_shardings=replicated
-    )
+    batched = parallel.batch_sharding(mesh)
+    # The clean pass's gradient keeps the layout GSPMD gives it (the params' on an fsdp mesh).
+    clean_program = jax.jit(clean, in_shardings=(layout, batched, replicated))
     update_programs = {
         decision: jax.jit(
             functools.partial(update, decision=decision),
-            in_shardings=(replicated, replicated, batched, replicated, replicated),
-            out_shardings=replicated,
+            in_shardings=(layout, replicated, batched, replicated, None),
+            out_shardings=(layout, replicated),
             donate_argnums=(0, 1),
         )
         for decision in (True, False)
@@ -367,16 +453,29 @@ def compiled_functions(
     config: TrainConfig,
     steps_per_epoch: int,
     mesh: jax.sharding.Mesh | None = None,
+    sample: jax.ShapeDtypeStruct | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, Callable, Callable]:
     """``(tx, step, predict)`` for a run, reused across runs that compile to the same program.
 
     The key is the model (flax modules compare and hash by their fields), every config field
     that changes the program (not :data:`~sharpjax.train.config.RUNTIME_FIELDS` nor
     :data:`TRACED_FIELDS`, except whether any disturbance is on), the number of steps per epoch
-    and the mesh's devices. So a sweep over seeds, label noise or disturbance scales reuses one
-    jitted step, which compiles once per input shape.
+    and the mesh (its devices and axes). So a sweep over seeds, label noise or disturbance
+    scales reuses one jitted step, which compiles once per input shape. ``sample`` (one
+    abstract input example) is needed on a mesh that splits the params (:func:`state_layout`).
     """
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.num_devices, BATCH_AXIS)
+    return _compiled(model, config, steps_per_epoch, mesh, sample)[:3]
+
+
+def _compiled(
+    model: nn.Module,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    mesh: jax.sharding.Mesh | None,
+    sample: jax.ShapeDtypeStruct | None,
+) -> tuple[Any, Callable, Callable, dict[str, Any]]:
+    """:func:`compiled_functions` and the state's layout."""
+    mesh = mesh if mesh is not None else train_mesh(config)
     program = {
         k: v
         for k, v in config.to_dict().items()
@@ -389,18 +488,25 @@ def compiled_functions(
         disturbed,
         steps_per_epoch,
         tuple(d.id for d in mesh.devices.flat),
+        tuple(mesh.shape.items()),
+        # The input's shape sets the params' shapes, hence their layout on a mesh that splits them.
+        (tuple(sample.shape), str(sample.dtype))
+        if sample and parallel.replica_size(mesh) > 1
+        else None,
     )
 
     def build():
-        m = perturbation_microbatches(config, mesh.devices.size)
+        m = _perturbations(config, mesh)
         # The micro-batches' second passes under vmap: on several devices GSPMD runs each on
-        # its own device (a scan would gather them everywhere), and on XLA:CPU a conv gradient
+        # its own replica (a scan would gather them everywhere), and on XLA:CPU a conv gradient
         # inside a scan body is many times slower (experiments/bench_cond.py). The trainer's
         # models are small enough for m perturbed copies of the params.
         tx = make_optimizer(
             config, steps_per_epoch, num_microbatches=m, microbatch_execution="parallel"
         )
-        return tx, make_train_step(model, tx, config, mesh), make_predict(model, mesh)
+        layout = state_layout(model, tx, mesh, sample)
+        step = make_train_step(model, tx, config, mesh, layout)
+        return tx, step, make_predict(model, mesh, layout["params"]), layout
 
     return _cached(key, build)
 
@@ -416,11 +522,12 @@ def _zero_sums(opt_state: Any, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------------------
 
 
-def make_predict(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+def make_predict(model: nn.Module, mesh: jax.sharding.Mesh, params_layout: Any = None) -> Callable:
     """Jitted ``predict(params, batch_stats, x) -> float32 logits`` in eval mode.
 
-    ``x`` is sharded over ``mesh``'s batch axis; the logits come back replicated, so every
-    process can read all of them.
+    ``x`` is split over ``mesh``'s batch axes, the params laid out as ``params_layout`` says
+    (default: replicated); the logits come back replicated, so every process can read all of
+    them.
     """
 
     def predict(params, batch_stats, x):
@@ -428,9 +535,11 @@ def make_predict(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
         return logits.astype(jnp.float32)
 
     replicated = NamedSharding(mesh, P())
-    batched = NamedSharding(mesh, P(BATCH_AXIS))
+    params_layout = replicated if params_layout is None else params_layout
     jitted = jax.jit(
-        predict, in_shardings=(replicated, replicated, batched), out_shardings=replicated
+        predict,
+        in_shardings=(params_layout, replicated, parallel.batch_sharding(mesh)),
+        out_shardings=replicated,
     )
     return _Predict(jitted, mesh)
 
@@ -449,13 +558,13 @@ class _Predict:
 def predict_all(predict: Callable, params: Any, batch_stats: Any, x: np.ndarray) -> np.ndarray:
     """Logits of every example, in fixed-size (padded) batches so ``predict`` compiles once.
 
-    The batch size is ``EVAL_BATCH_SIZE`` rounded up to a multiple of the mesh's devices; every
-    process holds ``x`` (evaluation sets are small) and the chunks are sharded from it.
+    The batch size is ``EVAL_BATCH_SIZE`` rounded up to a multiple of the mesh's batch shards;
+    every process holds ``x`` (evaluation sets are small) and the chunks are sharded from it.
     """
     mesh = predict.mesh
-    n = mesh.devices.size
+    n = parallel.batch_shards(mesh)
     size = -(-EVAL_BATCH_SIZE // n) * n
-    sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    sharding = parallel.batch_sharding(mesh)
     out = []
     for start in range(0, len(x), size):
         chunk = x[start : start + size]
@@ -568,16 +677,51 @@ def train(
 
     Returns:
       A :class:`TrainResult`. With ``config.workdir`` set, the run also writes
-      ``config.json``, ``labels.npz``, ``metrics.jsonl`` (one line per epoch),
-      ``result.json`` (when complete) and checkpoints (``checkpoint_every > 0``), and resumes
-      from the latest checkpoint of an unfinished compatible run; see
-      :mod:`sharpjax.train.checkpoint` for the rules that keep results from being overwritten.
+      ``config.json`` (with the resolved ``num_devices`` and ``mesh``), ``labels.npz``,
+      ``metrics.jsonl`` (one line per epoch), ``result.json`` (when complete) and checkpoints
+      (``checkpoint_every > 0``), and resumes from the latest checkpoint of an unfinished
+      compatible run, on any mesh; see :mod:`sharpjax.train.checkpoint` for the rules that
+      keep results from being overwritten.
 
     Not jittable: a host loop over epochs and batches around a jitted step.
     """
+    run = setup(config, dataset, model)
+    for epoch in range(run.start_epoch, run.last_epoch):
+        run_epoch(run, epoch)
+    return teardown(run)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run between :func:`setup` and :func:`teardown`: what it was built with, and its
+    state (on the mesh) and history so far."""
+
+    config: TrainConfig
+    resolved: TrainConfig  # num_devices and mesh as they ran: what config.json records
+    dataset: Dataset
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    steps_per_epoch: int
+    step_fn: Callable
+    predict: Callable
+    hyper: dict[str, Any]
+    schedule: optax.Schedule
+    state: dict[str, Any]
+    history: list[dict[str, Any]]
+    start_epoch: int
+    last_epoch: int
+    workdir: str | None
+    checkpointer: Checkpointer | None
+    stopping: bool  # stop_after_epochs ends the run early (always checkpointed)
+
+
+def setup(
+    config: TrainConfig, dataset: Dataset | None = None, model: nn.Module | None = None
+) -> Run:
+    """Everything before the first step: the workdir's rules, data, model, mesh (checked before
+    anything compiles), the compiled step, the state placed on the mesh, and the resume."""
     workdir = os.path.abspath(config.workdir) if config.workdir else None
     resuming = prepare_workdir(config) if workdir else False
-
     if dataset is None:
         dataset = load_dataset(
             config.dataset,
@@ -588,150 +732,226 @@ def train(
         )
     model = model if model is not None else build_model(config, dataset.num_classes)
     _check_data(config, dataset, model)
-    # The mesh and the batch split, checked before anything compiles.
-    mesh = parallel.make_mesh(config.num_devices, BATCH_AXIS)
+    mesh = train_mesh(config)
     parallel.check_global_batch(
         config.batch_size,
         mesh.devices.size,
         config.num_micro_steps,
-        perturbation_microbatches(config, mesh.devices.size),
+        _perturbations(config, mesh),
+        parallel.batch_shards(mesh),
     )
+    resolved = config.replace(num_devices=int(mesh.devices.size), mesh=parallel.format_mesh(mesh))
+    if resuming:
+        _check_resume_mesh(config, workdir, mesh)
     steps_per_epoch = len(dataset.x_train) // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    tx, step_fn, predict = compiled_functions(model, config, steps_per_epoch, mesh)
-    hyper = step_inputs(config, mesh)
-    schedule = learning_rate_schedule(config, steps_per_epoch)
+    sample = jax.ShapeDtypeStruct((1, *dataset.x_train.shape[1:]), dataset.x_train.dtype)
+    tx, step_fn, predict, layout = _compiled(model, config, steps_per_epoch, mesh, sample)
 
     params, batch_stats = init_model(model, dataset.x_train, config.seed)
     state = {
         "params": params,
         "opt_state": tx.init(params),
         "batch_stats": batch_stats,
-        "step": jnp.zeros([], jnp.int32),
+        "step": np.zeros([], np.int32),
     }
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-
-    checkpointer = None
-    # A requested early stop is always checkpointed, so that the run can be resumed.
-    stopping = config.stop_after_epochs is not None and config.stop_after_epochs < config.epochs
-    if workdir:
-        if config.checkpoint_every > 0 or resuming or stopping:
-            checkpointer = Checkpointer(workdir, config.max_checkpoints)
-        # The newest intact checkpoint (damaged newer ones are skipped with a warning).
-        found = (
-            checkpointer.restore_latest({**state, "rng": _rng_data(config)})
-            if (resuming and checkpointer)
-            else None
-        )
-        if found is not None:
-            _, restored, meta = found
-            restored.pop("rng")
-            state = restored
-            history, start_epoch = meta["history"], int(meta["epoch"])
-        metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-        _save_labels(workdir, dataset)
-        metrics_lib.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
-
-    # Replicated on the mesh; fresh buffers, since the step donates them and an init may
-    # share one buffer between leaves.
-    state = parallel.replicate_on(mesh, state)
-    last_epoch = config.epochs
-    if config.stop_after_epochs is not None:
-        last_epoch = min(last_epoch, config.stop_after_epochs)
-
-    for epoch in range(start_epoch, last_epoch):
-        start = time.perf_counter()
-        sums = _zero_sums(state["opt_state"], mesh)
-        # This process's rows of each global batch, on the mesh two steps ahead.
-        local = iterate_batches(
-            dataset.x_train,
-            dataset.y_train,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            num_shards=jax.process_count(),
-            shard_index=jax.process_index(),
-        )
-        batches = prefetch_to_mesh(itertools.islice(local, steps_per_epoch), mesh, BATCH_AXIS)
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
-            leave=False,
-        )
-        for i, batch in enumerate(batches):
-            state, sums = step_fn(state, sums, batch, hyper)
-            bar.update(1)
-            if config.progress and (i % 10 == 9 or i == steps_per_epoch - 1):
-                bar.set_postfix(
-                    loss=f"{float(sums['loss']) / (i + 1):.4f}",
-                    acc=f"{float(sums['accuracy']) / (i + 1):.3f}",
-                )
-        bar.close()
-        sums = jax.device_get(sums)
-        train_time = time.perf_counter() - start
-
-        step = int(state["step"])
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "learning_rate": float(schedule(step - 1)),
-            "train_loss": float(sums["loss"]) / steps_per_epoch,
-            "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
-            "train_accuracy_clean": None,
-            "memorization": None,
-            "test_loss": None,
-            "test_accuracy": None,
-        }
-        for key in sums:
-            if key not in ("loss", "accuracy"):  # the optimizer's diagnostics
-                record[key] = float(sums[key]) / steps_per_epoch
-        # Not on a stop_after_epochs epoch: an interrupted run keeps the history of a whole one.
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            record.update(evaluate(predict, state["params"], state["batch_stats"], dataset))
-        record["epoch_time"] = time.perf_counter() - start
-        record["train_time"] = train_time
-        record = metrics_lib.to_jsonable(record)
-        history.append(record)
-
-        if config.progress:
-            summary = ", ".join(
-                f"{k}={record[k]:.4g}"
-                for k in ("train_loss", "train_accuracy", "test_accuracy", "memorization")
-                if record.get(k) is not None
-            )
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: {summary}")
-        if workdir:
-            metrics_lib.append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
-            every = config.checkpoint_every
-            periodic = every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == last_epoch)
-            if periodic or (stopping and epoch + 1 == last_epoch):
-                meta = {"epoch": epoch + 1, "history": history, "config": config.to_dict()}
-                checkpointer.save(epoch + 1, {**state, "rng": _rng_data(config)}, meta)
-
-    completed = len(history) >= config.epochs
-    if checkpointer is not None:
-        checkpointer.close()
-    if workdir and completed:
-        tests = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
-        result = {
-            "config": config.to_dict(),
-            "final": history[-1],
-            "best_test_accuracy": max(tests) if tests else None,
-            "epochs": len(history),
-            "steps": int(state["step"]),
-        }
-        metrics_lib.write_json_atomic(os.path.join(workdir, "result.json"), result)
-    return TrainResult(
-        params=state["params"],
-        batch_stats=state["batch_stats"],
-        opt_state=state["opt_state"],
-        history=history,
-        final=history[-1] if history else {},
+    # Laid out on the mesh in fresh buffers (the step donates them, and an init may share one
+    # buffer between leaves); a checkpoint is restored straight into this layout, whatever
+    # mesh it was saved from.
+    state = parallel.put_global(state, _full_layout(layout, state))
+    run = Run(
         config=config,
+        resolved=resolved,
+        dataset=dataset,
         model=model,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        step_fn=step_fn,
+        predict=predict,
+        hyper=step_inputs(config, mesh),
+        schedule=learning_rate_schedule(config, steps_per_epoch),
+        state=state,
+        history=[],
+        start_epoch=0,
+        last_epoch=min(config.epochs, config.stop_after_epochs or config.epochs),
+        workdir=workdir,
+        checkpointer=None,
+        stopping=config.stop_after_epochs is not None and config.stop_after_epochs < config.epochs,
+    )
+    if workdir:
+        _open_workdir(run, resuming)
+    _announce(run)
+    return run
+
+
+def _full_layout(layout: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """``layout`` with one sharding per leaf of ``state`` (it may hold one for a subtree)."""
+    return {
+        k: jax.tree.map(lambda _, s=v: s, state[k]) if isinstance(v, jax.sharding.Sharding) else v
+        for k, v in layout.items()
+    }
+
+
+def _check_resume_mesh(config: TrainConfig, workdir: str, mesh: jax.sharding.Mesh) -> None:
+    """A run may resume on another mesh, unless its mode would then take another number of
+    perturbations per batch (per-device / grouped modes count replicas)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    if config.perturbation_mode == "synced" or saved.get("mesh") is None:
+        return
+    shape = parallel.parse_mesh(saved["mesh"], saved.get("num_devices"))
+    before = perturbation_microbatches(config, saved["num_devices"], shape["fsdp"] * shape["model"])
+    now = _perturbations(config, mesh)
+    if before != now:
+        raise ValueError(
+            f"The workdir {workdir} holds a run with perturbation_mode="
+            f"{config.perturbation_mode!r} on mesh={saved['mesh']!r} ({before} perturbations per "
+            f"batch); on mesh={parallel.format_mesh(mesh)!r} it would take {now}: resume on a "
+            "mesh with as many replicas (data), or use another workdir."
+        )
+
+
+def _open_workdir(run: Run, resuming: bool) -> None:
+    """Checkpointer, resume from the newest intact checkpoint, config/labels/metrics files."""
+    config, workdir = run.config, run.workdir
+    if config.checkpoint_every > 0 or resuming or run.stopping:
+        run.checkpointer = Checkpointer(workdir, config.max_checkpoints)
+    if resuming and run.checkpointer:
+        found = run.checkpointer.restore_latest({**run.state, "rng": _rng_data(config)})
+        if found is not None:
+            epoch, restored, meta = found
+            restored.pop("rng")
+            run.state, run.history, run.start_epoch = restored, meta["history"], int(meta["epoch"])
+            if config.progress:
+                path = os.path.join(run.checkpointer.directory, str(epoch))
+                print(f"resuming from {path} (epoch {epoch})", file=sys.stderr)
+    metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), run.resolved.to_dict())
+    _save_labels(workdir, run.dataset)
+    metrics_lib.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), run.history)
+
+
+def _announce(run: Run) -> None:
+    """One line on the device layout (with ``progress``), on stderr beside the progress bars."""
+    if not run.config.progress or jax.process_index() != 0:
+        return
+    per_device = run.config.batch_size // parallel.batch_shards(run.mesh)
+    print(
+        f"mesh {parallel.format_mesh(run.mesh)} on {run.mesh.devices.size} "
+        f"{run.mesh.devices.flat[0].platform} device(s), {jax.process_count()} process(es); "
+        f"batch {run.config.batch_size} = {per_device} per device",
+        file=sys.stderr,
+    )
+
+
+def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One epoch: the steps on this process's rows of each global batch, evaluation, the
+    metrics line and the checkpoint. Returns the epoch's record."""
+    config = run.config
+    start = time.perf_counter()
+    sums = _zero_sums(run.state["opt_state"], run.mesh)
+    local = iterate_batches(
+        run.dataset.x_train,
+        run.dataset.y_train,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        num_shards=jax.process_count(),
+        shard_index=jax.process_index(),
+    )
+    # On the mesh two steps ahead.
+    batches = prefetch_to_mesh(
+        itertools.islice(local, run.steps_per_epoch), run.mesh, parallel.batch_axes(run.mesh)
+    )
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not config.progress,
+        leave=False,
+    )
+    state = run.state
+    for i, batch in enumerate(batches):
+        state, sums = run.step_fn(state, sums, batch, run.hyper)
+        bar.update(1)
+        if config.progress and (i % 10 == 9 or i == run.steps_per_epoch - 1):
+            bar.set_postfix(
+                loss=f"{float(sums['loss']) / (i + 1):.4f}",
+                acc=f"{float(sums['accuracy']) / (i + 1):.3f}",
+            )
+    bar.close()
+    run.state = state
+    sums = jax.device_get(sums)
+    train_time = time.perf_counter() - start
+
+    record = _epoch_record(run, epoch, sums)
+    # Not on a stop_after_epochs epoch: an interrupted run keeps the history of a whole one.
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        record.update(evaluate(run.predict, state["params"], state["batch_stats"], run.dataset))
+    record["epoch_time"] = time.perf_counter() - start
+    record["train_time"] = train_time
+    record = metrics_lib.to_jsonable(record)
+    run.history.append(record)
+    if config.progress:
+        summary = ", ".join(
+            f"{k}={record[k]:.4g}"
+            for k in ("train_loss", "train_accuracy", "test_accuracy", "memorization")
+            if record.get(k) is not None
+        )
+        tqdm.write(f"epoch {epoch + 1}/{config.epochs}: {summary}")
+    if run.workdir:
+        metrics_lib.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), record)
+        every = config.checkpoint_every
+        periodic = every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == run.last_epoch)
+        if periodic or (run.stopping and epoch + 1 == run.last_epoch):
+            meta = {"epoch": epoch + 1, "history": run.history, "config": run.resolved.to_dict()}
+            run.checkpointer.save(epoch + 1, {**state, "rng": _rng_data(config)}, meta)
+    return record
+
+
+def _epoch_record(run: Run, epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
+    """The epoch's training means (loss, accuracy, the optimizer's diagnostics)."""
+    n = run.steps_per_epoch
+    step = int(run.state["step"])
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": step,
+        "learning_rate": float(run.schedule(step - 1)),
+        "train_loss": float(sums["loss"]) / n,
+        "train_accuracy": float(sums["accuracy"]) / n,
+        "train_accuracy_clean": None,
+        "memorization": None,
+        "test_loss": None,
+        "test_accuracy": None,
+    }
+    for key in sums:
+        if key not in ("loss", "accuracy"):  # the optimizer's diagnostics
+            record[key] = float(sums[key]) / n
+    return record
+
+
+def teardown(run: Run) -> TrainResult:
+    """Closes the checkpointer, writes ``result.json`` when the run is complete."""
+    completed = len(run.history) >= run.config.epochs
+    if run.checkpointer is not None:
+        run.checkpointer.close()
+    if run.workdir and completed:
+        tests = [r["test_accuracy"] for r in run.history if r.get("test_accuracy") is not None]
+        result = {
+            "config": run.resolved.to_dict(),
+            "final": run.history[-1],
+            "best_test_accuracy": max(tests) if tests else None,
+            "epochs": len(run.history),
+            "steps": int(run.state["step"]),
+        }
+        metrics_lib.write_json_atomic(os.path.join(run.workdir, "result.json"), result)
+    return TrainResult(
+        params=run.state["params"],
+        batch_stats=run.state["batch_stats"],
+        opt_state=run.state["opt_state"],
+        history=run.history,
+        final=run.history[-1] if run.history else {},
+        config=run.config,
+        model=run.model,
         completed=completed,
     )
 
