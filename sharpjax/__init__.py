@@ -1,7 +1,12 @@
 """sharpjax: sharpness-aware training and sharpness measures for JAX/Flax."""
 
 from sharpjax import parallel, sharpness
-from sharpjax.combinations import gsam_combination, saner_combination, saner_mask
+from sharpjax.combinations import (
+    gsam_combination,
+    saner_combination,
+    saner_mask,
+    wsam_combination,
+)
 from sharpjax.core import (
     CombinationRule,
     PerturbationRule,
@@ -36,19 +41,30 @@ from sharpjax.groups import (
     path_labels,
     sam_on,
 )
+from sharpjax.late_phase import late_phase_policy, late_phase_sam
+from sharpjax.lookbehind import lookbehind_sam
 from sharpjax.optimizers import (
     asam,
+    fsam,
     gsam,
     microbatch_value_and_grad,
     msam,
     noise_resistant_sam,
+    rho_from_lr,
     sam,
     saner,
     saner_warmup,
     split_microbatches,
     vasso,
+    wsam,
 )
-from sharpjax.perturbations import adaptive_perturbation, sam_perturbation, vasso_perturbation
+from sharpjax.perturbations import (
+    adaptive_perturbation,
+    friendly_perturbation,
+    sam_perturbation,
+    vasso_perturbation,
+)
+from sharpjax.sampa import sampa
 
 __version__ = "0.1.0"
 
@@ -66,11 +82,16 @@ __all__ = [
     "diagnostics",
     "esam",
     "every_k_steps",
+    "friendly_perturbation",
+    "fsam",
     "grouped_perturbation",
     "grst_schedule",
     "gsam",
     "gsam_combination",
+    "late_phase_policy",
+    "late_phase_sam",
     "layerwise",
+    "lookbehind_sam",
     "looksam",
     "looksam_combination",
     "microbatch_value_and_grad",
@@ -87,9 +108,11 @@ __all__ = [
     "path_labels",
     "random_policy",
     "random_sam",
+    "rho_from_lr",
     "sam",
     "sam_on",
     "sam_perturbation",
+    "sampa",
     "saner",
     "saner_combination",
     "saner_mask",
@@ -100,4 +123,6 @@ __all__ = [
     "stochastic_perturbation",
     "vasso",
     "vasso_perturbation",
+    "wsam",
+    "wsam_combination",
 ]

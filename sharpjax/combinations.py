@@ -88,3 +88,46 @@ def gsam_combination(alpha: ScalarOrSchedule = 0.1) -> CombinationRule:
         return out, state, diag
 
     return CombinationRule(lambda params: (), combine, ("orthogonal_norm", "surrogate_gap"))
+
+
+def wsam_combination(gamma: float = 0.9) -> CombinationRule:
+    """WSAM (Yue et al., *Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
+    Regularization Term*, KDD 2023), coupled form: the gradient of
+    ``L(w) + γ/(1 − γ) [L(w + ε) − L(w)]``, i.e. ``g + γ/(1 − γ) (g₂ − g)``.
+
+    ``0 ≤ γ < 1``: γ = 0 is the base optimizer, γ = 1/2 is SAM. Reports ``sharpness_weight``
+    (γ/(1 − γ)). The decoupled form of the authors' code is :func:`sharpjax.wsam` with
+    ``base_optimizer``.
+    """
+    check_wsam_gamma(gamma)
+
+    def combine(g, g2, state, count):
+        del count
+        gamma_t = jnp.clip(gamma, 0.0, 1.0 - 1e-6)  # a traced γ is clamped into [0, 1)
+        weight = gamma_t / (1.0 - gamma_t)
+        out = jax.tree.map(
+            lambda x, y: (
+                x.astype(compute_dtype(x)) + weight * (y.astype(compute_dtype(x)) - x)
+            ).astype(x.dtype),
+            g,
+            g2,
+        )
+        return out, state, {"sharpness_weight": weight}
+
+    return CombinationRule(lambda params: (), combine, ("sharpness_weight",))
+
+
+def check_wsam_gamma(gamma: float) -> None:
+    """γ of WSAM must be a number in [0, 1) (γ = 1 would weigh the sharpness infinitely)."""
+    if callable(gamma):
+        raise TypeError("gamma must be a number in [0, 1), not a schedule.")
+    check_scalar_or_schedule("gamma", gamma, 0.0, 1.0)
+    try:
+        one = float(gamma) >= 1.0
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return  # traced (inject_hyperparams): clamped at run time
+    if one:
+        raise ValueError(
+            "gamma must lie in [0, 1): the sharpness weight γ/(1 − γ) is infinite at γ = 1; "
+            "γ = 0.5 is SAM, the authors' default is 0.9."
+        )

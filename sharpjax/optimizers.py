@@ -28,21 +28,32 @@ memory than a hand-written SAM step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
-from sharpjax.combinations import gsam_combination, saner_combination
+from sharpjax.combinations import (
+    check_wsam_gamma,
+    gsam_combination,
+    saner_combination,
+    wsam_combination,
+)
 from sharpjax.core import (
     PerturbationRule,
     ScalarOrSchedule,
     _check_count,
     check_scalar_or_schedule,
+    evaluate,
     sharpness_aware,
 )
 from sharpjax.groups import ParamGroups, grouped_perturbation
-from sharpjax.perturbations import adaptive_perturbation, sam_perturbation, vasso_perturbation
+from sharpjax.perturbations import (
+    adaptive_perturbation,
+    friendly_perturbation,
+    sam_perturbation,
+    vasso_perturbation,
+)
 
 
 def _grouped(rule: PerturbationRule, groups: ParamGroups | None) -> PerturbationRule:
@@ -325,3 +336,167 @@ def noise_resistant_sam(
         cosine=cosine or None,  # False: still measured where it is free
     )
     return optax.chain(sharpness, noise_resistant(mu))
+
+
+def fsam(
+    rho: ScalarOrSchedule = 0.05,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    *,
+    reading: str = "paper",
+    num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+    groups: ParamGroups | None = None,
+    cosine: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Friendly-SAM (F-SAM; Li et al., CVPR 2024): SAM perturbed along the gradient noise.
+
+    ``m_t = λ m_{t−1} + (1 − λ) g_t``, ``d_t = g_t − σ m_t``, ``ε = ρ d_t/‖d_t‖``, output
+    ``∇L(w + ε)`` (``reading="code"``: the authors' code's order, see
+    :func:`sharpjax.friendly_perturbation`). Defaults σ = 1, λ = 0.9 (the authors' code), ρ =
+    0.05 (SAM's: F-SAM is tuned like SAM; the paper's CIFAR-100 runs use 0.2). σ = 0 is SAM.
+    """
+    return sharpness_aware(
+        _grouped(friendly_perturbation(sigma, lmbda, reading), groups),
+        rho=rho,
+        num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
+    )
+
+
+class WsamState(NamedTuple):
+    """Decoupled WSAM: the sharpness-aware state (its ``g₂``) and the base optimizer's."""
+
+    sharpness: Any
+    base: Any
+
+
+def wsam(
+    rho: ScalarOrSchedule = 0.05,
+    gamma: float = 0.9,
+    perturbation: PerturbationRule | None = None,
+    *,
+    base_optimizer: optax.GradientTransformation | None = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    num_microbatches: int | None = None,
+    microbatch_execution: str = "sequential",
+    axis_name: str | None = None,
+    perturbation_mode: str = "per_device",
+    group_size: int | None = None,
+    groups: ParamGroups | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """WSAM (Yue et al., KDD 2023): sharpness as a regulariser of weight ``γ/(1 − γ)``.
+
+    The objective ``L(w) + γ/(1 − γ) [L(w + ε) − L(w)]`` with SAM's ``ε = ρ g/‖g‖``.
+
+    * Without ``base_optimizer`` (coupled): output ``g + γ/(1 − γ) (g₂ − g)``, chained before
+      a base optimizer like :func:`sam`.
+    * With ``base_optimizer`` and its ``learning_rate`` η (decoupled, the default of the
+      authors' code, atorch ``WeightedSAM(decouple=True)``): the base optimizer steps on the
+      clean gradient ``g`` alone and the sharpness term is added as a plain gradient step,
+      ``update = base(g) − η_t γ/(1 − γ) (g₂ − g)``; this transformation is then the whole
+      optimizer (chain nothing after it). With plain SGD (no momentum, no weight decay) both
+      forms are the same step.
+
+    ``0 ≤ γ < 1``: γ = 0 is the base optimizer, γ = 1/2 is SAM (coupled). Defaults ρ = 0.05,
+    γ = 0.9 (the authors' code). The diagnostics carry ``sharpness_weight`` (coupled form).
+    """
+    check_wsam_gamma(gamma)
+    rule = _grouped(perturbation or sam_perturbation(), groups)
+    keywords = dict(
+        rho=rho,
+        num_microbatches=num_microbatches,
+        microbatch_execution=microbatch_execution,
+        axis_name=axis_name,
+        perturbation_mode=perturbation_mode,
+        group_size=group_size,
+    )
+    if base_optimizer is None:
+        if learning_rate is not None:
+            raise ValueError(
+                "learning_rate is the base optimizer's, for the decoupled form: pass "
+                "base_optimizer too, or drop learning_rate for the coupled form."
+            )
+        return sharpness_aware(rule, wsam_combination(gamma), **keywords)
+    if learning_rate is None:
+        raise ValueError(
+            "wsam(base_optimizer=...) (the decoupled form) needs learning_rate, the base "
+            "optimizer's learning rate (a float or the same schedule)."
+        )
+    check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
+    if num_microbatches is not None:
+        raise ValueError(
+            "wsam(base_optimizer=...) steps the base optimizer on the clean gradient, which "
+            "with num_microbatches comes stacked; use the coupled form (no base_optimizer) "
+            "with micro-batches."
+        )
+    if not isinstance(base_optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"base_optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
+            f"momentum=0.9)), got {type(base_optimizer).__name__}."
+        )
+    weight = gamma / (1.0 - gamma)
+    sharpness = sharpness_aware(rule, **keywords)
+    base = optax.with_extra_args_support(base_optimizer)
+
+    def init_fn(params):
+        return WsamState(sharpness.init(params), base.init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        g2, sharp_state = sharpness.update(updates, state.sharpness, params, **extra)
+        step, base_state = base.update(updates, state.base, params)
+        lr = evaluate(learning_rate, state.sharpness.count, 0.0)
+        out = jax.tree.map(
+            lambda s, y, x: (s - lr * weight * (y.astype(s.dtype) - x.astype(s.dtype))).astype(
+                s.dtype
+            ),
+            step,
+            g2,
+            updates,
+        )
+        return out, WsamState(sharp_state, base_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rho_from_lr(
+    lr_schedule: optax.Schedule,
+    rho_max: float,
+    rho_min: float = 0.0,
+    *,
+    lr_max: float,
+    lr_min: float = 0.0,
+) -> optax.Schedule:
+    """ρ that follows the learning rate, as big_vision's GSAM trainer does.
+
+    ``ρ_t = ρ_min + (ρ_max − ρ_min) (lr_t − lr_min)/(lr_max − lr_min)`` with
+    ``lr_t = lr_schedule(t)``: ρ_max at the peak learning rate, ρ_min where it reaches lr_min
+    (GSAM, Zhuang et al., ICLR 2022, decays ρ with the learning rate). Pass the result as
+    ``rho`` of any constructor; a ρ below 0 (lr under lr_min) is clamped to 0 by the step.
+    """
+    if not callable(lr_schedule):
+        raise TypeError("lr_schedule must be an optax schedule (a function of the step count).")
+    check_scalar_or_schedule("rho_max", rho_max, 0.0)
+    check_scalar_or_schedule("rho_min", rho_min, 0.0)
+    check_scalar_or_schedule("lr_max", lr_max, -float("inf"))
+    check_scalar_or_schedule("lr_min", lr_min, -float("inf"))
+    if rho_min > rho_max:
+        raise ValueError(f"rho_min ({rho_min}) must not exceed rho_max ({rho_max}).")
+    if not lr_max > lr_min:
+        raise ValueError(
+            f"lr_max ({lr_max}) must exceed lr_min ({lr_min}): they are the learning rates at "
+            "which ρ is rho_max and rho_min (the schedule's peak and its final value)."
+        )
+
+    def schedule(count):
+        fraction = (lr_schedule(count) - lr_min) / (lr_max - lr_min)
+        return rho_min + (rho_max - rho_min) * fraction
+
+    return schedule

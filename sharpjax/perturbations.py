@@ -91,3 +91,63 @@ def vasso_perturbation(theta: float = 0.9) -> PerturbationRule:
         return eps, VassoState(d=d, started=jnp.ones([], jnp.bool_)), diag
 
     return PerturbationRule(init, perturb, diagnostics=("d_norm",))
+
+
+class FriendlyState(NamedTuple):
+    """F-SAM's moving average ``m`` of the clean gradient, and whether it is set."""
+
+    m: Any
+    started: jax.Array
+
+
+FRIENDLY_READINGS = ("paper", "code")
+
+
+def friendly_perturbation(
+    sigma: float = 1.0, lmbda: float = 0.9, reading: str = "paper"
+) -> PerturbationRule:
+    """Friendly-SAM (F-SAM; Li, Zhou, He, Cheng & Huang, CVPR 2024): perturb along the
+    stochastic gradient noise, with the full-gradient component (estimated by a moving average
+    of past gradients) removed.
+
+    ``reading="paper"`` (default, the paper's equations)::
+
+        m_t = λ m_{t−1} + (1 − λ) g_t   (m_{−1} = 0),   d_t = g_t − σ m_t,   ε = ρ d_t/‖d_t‖
+
+    ``reading="code"`` (the authors' code, nblt/F-SAM ``FriendlySAM``, which differs): ``m_0 =
+    g_0`` and ``d_0 = g_0``; afterwards ``d_t = g_t − σ m_{t−1}`` (the average *before* this
+    gradient), then ``m_t = λ m_{t−1} + (1 − λ) g_t``. Both take SAM's step at t = 0 and are
+    SAM for σ = 0; with λ = 0 the paper's reading is SAM for σ < 1 (``d = (1 − σ) g``) and the
+    code's is ``d_t = g_t − σ g_{t−1}``. Defaults σ = 1, λ = 0.9 (the code's; the paper's
+    CIFAR runs also use λ = 0.6 and 0.95). Reports ``m_norm`` (‖m_t‖).
+    """
+    check_constant("sigma", sigma)
+    check_constant("lmbda", lmbda)
+    check_scalar_or_schedule("sigma", sigma, 0.0, 1.0)
+    check_scalar_or_schedule("lmbda", lmbda, 0.0, 1.0)
+    if reading not in FRIENDLY_READINGS:
+        raise ValueError(f"reading must be one of {FRIENDLY_READINGS}, got {reading!r}.")
+
+    def init(params):
+        m = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params)
+        return FriendlyState(m=m, started=jnp.zeros([], jnp.bool_))
+
+    def perturb(g, params, state, rho):
+        sigma_t, lmbda_t = jnp.clip(sigma, 0.0, 1.0), jnp.clip(lmbda, 0.0, 1.0)
+        g = jax.tree.map(lambda x, m: x.astype(m.dtype), g, state.m)
+        if reading == "paper":
+            m = jax.tree.map(lambda m, x: lmbda_t * m + (1.0 - lmbda_t) * x, state.m, g)
+            d = jax.tree.map(lambda x, m: x - sigma_t * m, g, m)
+        else:
+            m = jax.tree.map(
+                lambda m, x: jnp.where(state.started, lmbda_t * m + (1.0 - lmbda_t) * x, x),
+                state.m,
+                g,
+            )
+            d = jax.tree.map(lambda x, m: jnp.where(state.started, x - sigma_t * m, x), g, state.m)
+        eps, eps_norm = _normalized(d, rho)
+        eps = jax.tree.map(lambda e, w: e.astype(w.dtype), eps, params)
+        diag = {"m_norm": tree_norm(m), "perturbation_norm": eps_norm}
+        return eps, FriendlyState(m=m, started=jnp.ones([], jnp.bool_)), diag
+
+    return PerturbationRule(init, perturb, diagnostics=("m_norm",))
