@@ -257,3 +257,32 @@ def test_bad_groups_raise(setup, make, error, match):
     with pytest.raises(error, match=match):
         groups = make(params)
         sharpjax.sam(RHO, groups=groups).init(params)
+
+
+def test_groups_compose_with_microbatches(setup):
+    """m-sharpness with groups: each micro-batch's ε is zero on the unperturbed leaf."""
+    params, batches = setup
+    x, y = batches[0]
+    micro = jax.tree.map(lambda a: a.reshape(2, -1, *a.shape[1:]), (x, y))
+    grads = jax.vmap(jax.grad(cross_entropy), in_axes=(None, 0, 0))(params, *micro)
+    tx = sharpjax.sam(
+        RHO,
+        num_microbatches=2,
+        microbatch_execution="parallel",
+        groups=sharpjax.param_groups(LABELS),
+    )
+    for pick in range(2):
+        # "g₂" = micro-batch `pick`'s ε, zero for the other: the output is ε_pick / 2.
+        def grad_fn(p, j, pick=pick):
+            return jax.tree.map(lambda q, w: jnp.where(j == pick, q - w, 0.0), p, params)
+
+        out, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+        eps = jax.tree.map(lambda o: 2 * o, out)
+        np.testing.assert_array_equal(eps["layer0"]["bias"], 0.0)
+        np.testing.assert_allclose(optax.global_norm(eps), RHO, rtol=1e-5)
+        # ε_pick is along micro-batch pick's own gradient (joint norm over the labelled leaves)
+        g = grads["layer1"]["kernel"][pick]
+        cos = jnp.vdot(eps["layer1"]["kernel"], g) / (
+            jnp.linalg.norm(eps["layer1"]["kernel"]) * jnp.linalg.norm(g)
+        )
+        np.testing.assert_allclose(cos, 1.0, rtol=1e-5)

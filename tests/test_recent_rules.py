@@ -298,3 +298,15 @@ def test_sampa_without_radius_and_lambda_is_sgd(setup):
 def test_bad_input_raises(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_new_rules_work_under_inject_hyperparams(setup):
+    """A traced γ, σ, λ (optax.inject_hyperparams under jit) gives the constant's step."""
+    params, batches = setup
+    for make, kwargs in [
+        (sharpjax.wsam, {"rho": RHO, "gamma": 0.7}),
+        (sharpjax.fsam, {"rho": RHO, "sigma": 0.8, "lmbda": 0.6}),
+    ]:
+        injected, _ = run_chain(chain(optax.inject_hyperparams(make)(**kwargs)), params, batches)
+        direct, _ = run_chain(chain(make(**kwargs)), params, batches)
+        close(injected, direct)
