@@ -29,9 +29,15 @@ Three ways to split the batch, one mechanism:
 * both at once: ``m`` micro-batches on each device of ``axis_name`` (per-device mode).
 
 Reliability: a step whose clean or second gradient is not finite leaves every rule state (and
-the step count) as it was, and still passes its non-finite output on, so that
-``optax.apply_if_finite`` (or the user's own check) sees it and the run recovers at the next
-good step. Hyperparameters may be floats, optax schedules, or traced values (for
+the step count) as it was. A non-finite clean gradient ``g`` is passed on in the output, so
+that ``optax.apply_if_finite`` around the chain (which checks its input) skips the step. A
+non-finite ``ε`` or ``g₂`` from a finite ``g`` (the loss overflows at ``w + ε``, an injected
+ρ is NaN) is invisible to ``apply_if_finite``: the output of that step is zero instead, so the
+params stay finite with or without it, and the diagnostics count such steps in
+``nonfinite_second_gradients`` (the base optimizer still sees the zero: SGD's momentum keeps
+moving, Adam's moments decay). ``optax.MultiSteps`` is refused (it would take ``g₂`` on its
+last mini-batch alone): accumulate with ``sharpjax.parallel``'s ``num_micro_steps``.
+Hyperparameters may be floats, optax schedules, or traced values (for
 ``optax.inject_hyperparams``); a value outside its range at run time is clamped into it, and
 the value used is reported in the diagnostics (``rho``, SANER's ``alpha``).
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -331,6 +338,7 @@ CORE_DIAGNOSTICS = (
     "loss",
     "perturbed_loss",
     "sharpness",
+    "nonfinite_second_gradients",
 )
 POLICY_DIAGNOSTICS = ("second_gradient", "second_gradient_fraction")
 
@@ -345,15 +353,22 @@ class SharpnessAwareState(NamedTuple):
       combination_state: state of the combination rule (stacked likewise).
       policy_state: state of the :class:`SecondGradientPolicy` (``()`` without one).
       second_gradients: number of steps that took the second gradient.
-      diagnostics: the last step's float32 scalars: ``grad_norm`` (‖g‖), ``perturbation_norm``
-        (‖ε‖), ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂; NaN when not
-        measured, see ``cosine`` of :func:`sharpness_aware`), ``rho``; ``loss``,
-        ``perturbed_loss`` (L(w + ε)) and ``sharpness`` (their difference, GSAM's surrogate
-        gap), which are NaN unless ``update`` got ``loss=`` and ``value_and_grad_fn=``; those of
-        the rules (e.g. SANER's ``masked_fraction``, VaSSO's ``d_norm``); with a policy,
-        ``second_gradient`` (1 if this step took g₂) and ``second_gradient_fraction`` (so far).
-        On a skipped step the norms of ε and g₂ (and a measured cosine) are 0. Read them from a
-        chained state with :func:`diagnostics`.
+      diagnostics: float32 scalars: ``grad_norm`` (‖g‖), ``perturbation_norm`` (‖ε‖),
+        ``second_grad_norm`` (‖g₂‖), ``cosine`` (between g and g₂; only where measured, see
+        ``cosine`` of :func:`sharpness_aware`), ``rho``; ``loss`` (given as ``loss=``),
+        ``perturbed_loss`` (L(w + ε), given by ``value_and_grad_fn``) and ``sharpness`` (their
+        difference, GSAM's surrogate gap); those of the rules (e.g. SANER's
+        ``masked_fraction``, VaSSO's ``d_norm``); with a policy, ``second_gradient`` (1 if this
+        step took g₂) and ``second_gradient_fraction`` (so far); ``nonfinite_second_gradients``
+        (steps whose ε or g₂ was not finite, their output zeroed). Read them from a chained
+        state with :func:`diagnostics`.
+
+        One convention for every variant: a value known at construction never to be measured
+        is left out (``cosine`` of SAM's rule without ``cosine=True``); a value the last step
+        did not measure (‖ε‖, ‖g₂‖, the cosine, the perturbed loss and the rules' values on a
+        step a policy skipped; ``loss`` without ``loss=``) keeps the value of the last step
+        that measured it, and is NaN only if none has (``second_gradient`` says whether this
+        step took g₂). A non-finite step shows its own (non-finite) values.
     """
 
     count: jax.Array
@@ -391,20 +406,35 @@ def _check_grad_fn(grad_fn: Callable | None, value_and_grad_fn: Callable | None)
     return with_value
 
 
-def _check_same_structure(name: str, reference: Any, tree: Any) -> None:
+_GRAD_FN_HINT = (
+    "grad_fn(p) should return jax.grad(loss_fn)(p, batch), not (loss, grads) or aux "
+    "(for (loss, grads) pass value_and_grad_fn= instead)."
+)
+_UPDATES_HINT = (
+    "`updates`, the first argument of tx.update, must be the clean gradient "
+    "jax.grad(loss_fn)(params, batch): one leaf per parameter, of the parameter's shape."
+)
+
+
+def _check_same_structure(
+    name: str, reference: Any, tree: Any, hint: str = _GRAD_FN_HINT, leading: tuple = ()
+) -> None:
+    """A clear error naming ``name`` when ``tree`` has not the params' structure, or a leaf
+    not their shape (behind ``leading`` axes)."""
     ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
     if ref_def != tree_def:
         raise ValueError(
             f"{name} must be a pytree with the structure of the params.\n"
-            f"  params:  {ref_def}\n  {name}: {tree_def}\n"
-            "grad_fn(p) should return jax.grad(loss_fn)(p, batch), not (loss, grads) or aux "
-            "(for (loss, grads) pass value_and_grad_fn= instead)."
+            f"  params:  {ref_def}\n  {name}: {tree_def}\n{hint}"
         )
-    for ref, leaf in zip(jax.tree.leaves(reference), jax.tree.leaves(tree), strict=True):
-        if jnp.shape(ref) != jnp.shape(leaf):
+    paths = jax.tree_util.tree_leaves_with_path(reference)
+    for (path, ref), leaf in zip(paths, jax.tree.leaves(tree), strict=True):
+        want = (*leading, *jnp.shape(ref))
+        if jnp.shape(leaf) != want:
             raise ValueError(
-                f"{name} has a leaf of shape {jnp.shape(leaf)} where the params have "
-                f"{jnp.shape(ref)}."
+                f"{name} has a leaf {jax.tree_util.keystr(path)} of shape {jnp.shape(leaf)} "
+                f"where {want} is expected (the params' {jnp.shape(ref)}"
+                f"{' behind ' + str(leading) if leading else ''}). {hint}"
             )
 
 
@@ -479,14 +509,15 @@ def _check_update_inputs(updates: Any, params: Any, m: int | None) -> None:
     if params is None:
         raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
     check_float_params(params)
-    if m is not None:
-        for leaf, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-            if jnp.shape(leaf) != (m, *jnp.shape(ref)):
-                raise ValueError(
-                    f"num_microbatches={m} expects the clean gradients of the micro-batches "
-                    f"stacked on axis 0, shape (m, *param.shape) = {(m, *jnp.shape(ref))}; "
-                    f"got {jnp.shape(leaf)}. See sharpjax.split_microbatches."
-                )
+    if m is None:
+        _check_same_structure("updates", params, updates, _UPDATES_HINT)
+    else:
+        hint = (
+            f"num_microbatches={m} expects in `updates` the clean gradients of the "
+            "micro-batches stacked on axis 0, shape (m, *param.shape). See "
+            "sharpjax.split_microbatches and sharpjax.microbatch_value_and_grad."
+        )
+        _check_same_structure("updates", params, updates, hint, leading=(m,))
 
 
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -535,13 +566,17 @@ class _Setup:
     @property
     def branch_diagnostics(self) -> tuple[str, ...]:
         """The keys that both branches (with and without g₂) report."""
-        core = ("grad_norm", "perturbation_norm", "second_grad_norm", "cosine", "perturbed_loss")
+        cosine = ("cosine",) if self.measure_cosine else ()
+        core = ("grad_norm", "perturbation_norm", "second_grad_norm", *cosine, "perturbed_loss")
         return core + self.perturbation.diagnostics + self.combination.diagnostics
 
     @property
     def diagnostic_names(self) -> tuple[str, ...]:
         """Every key of the state's diagnostics, fixed at construction."""
-        names = CORE_DIAGNOSTICS + self.perturbation.diagnostics + self.combination.diagnostics
+        names = CORE_DIAGNOSTICS
+        if not self.measure_cosine:  # known at construction not to be measured: left out
+            names = tuple(n for n in names if n != "cosine")
+        names += self.perturbation.diagnostics + self.combination.diagnostics
         if self.policy is not None:
             names += POLICY_DIAGNOSTICS + self.policy.diagnostics
         return names
@@ -615,7 +650,9 @@ def _perturb_and_combine(
         out, c_state    = combine(g, g₂, c_state, t)
 
     Returns ``(out, p_state, c_state, diag, finite)``: ``out`` in the params' dtypes, the
-    diagnostics of :meth:`_Setup.branch_diagnostics`, and whether g, ε and g₂ are finite.
+    diagnostics of :attr:`_Setup.branch_diagnostics` (``perturbed_loss`` carried from
+    ``step.previous`` without ``value_and_grad_fn``), and ``finite``, two booleans: whether g
+    is finite, and whether ε and g₂ are.
     """
     setup, params = step.setup, step.params
     eps, p_state, p_diag = setup.perturbation.perturb(g, params, p_state, step.rho)
@@ -636,7 +673,7 @@ def _perturb_and_combine(
         "grad_norm": grad_norm,
         "perturbation_norm": eps_norm,
         "second_grad_norm": g2_norm,
-        "perturbed_loss": jnp.nan if loss2 is None else loss2,
+        "perturbed_loss": step.previous["perturbed_loss"] if loss2 is None else loss2,
         **p_diag,
         **c_diag,
     }
@@ -644,10 +681,9 @@ def _perturb_and_combine(
     # the combination reads g anyway): hence opt-in for SAM's rule.
     if setup.measure_cosine:
         diag["cosine"] = tree_vdot(g, g2) / (grad_norm * g2_norm + NORM_EPS)
-    else:
-        diag["cosine"] = jnp.float32(jnp.nan)
-    # A NaN or Inf anywhere in g, in a rule state or in g₂ shows in these norms.
-    finite = jnp.all(jnp.isfinite(jnp.stack([grad_norm, eps_norm, g2_norm])))
+    # A NaN or Inf anywhere in g, in a rule state, in ρ or in g₂ shows in these norms.
+    second = jnp.isfinite(eps_norm) & jnp.isfinite(g2_norm)
+    finite = jnp.stack([jnp.isfinite(grad_norm), second])
     return _as_params(out, params), p_state, c_state, _f32(diag), finite
 
 
@@ -662,7 +698,7 @@ def _vmapped(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     m = step.setup.num_microbatches
     one = functools.partial(_perturb_and_combine, step)
     out, p_state, c_state, diag, finite = jax.vmap(one)(g, p_state, c_state, jnp.arange(m))
-    return _micro_mean(out), p_state, c_state, _micro_mean(diag), jnp.all(finite)
+    return _micro_mean(out), p_state, c_state, _micro_mean(diag), jnp.all(finite, axis=0)
 
 
 def _scanned(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
@@ -678,7 +714,8 @@ def _scanned(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     zeros = jax.tree.map(jnp.zeros_like, step.params)
     inputs = (g, p_state, c_state, jnp.arange(m))
     total, (p_state, c_state, diag, finite) = jax.lax.scan(body, zeros, inputs)
-    return tree_scale(total, 1.0 / m), p_state, c_state, _micro_mean(diag), jnp.all(finite)
+    out = tree_scale(total, 1.0 / m)
+    return out, p_state, c_state, _micro_mean(diag), jnp.all(finite, axis=0)
 
 
 def _with_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
@@ -692,7 +729,9 @@ def _with_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
 
 def _without_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     """A step a policy skips: ``out, c_state = combination.skip(g, c_state, t)``, no g₂ at all;
-    the perturbation state is left as it was."""
+    the perturbation state is left as it was. What the step does not measure (‖ε‖, ‖g₂‖, the
+    cosine, the perturbed loss, the rules' values that ``skip`` does not report) keeps its
+    value of the last step that measured it (``step.previous``)."""
     setup, count = step.setup, step.count
     skip = setup.combination.skip
     if setup.micro:
@@ -702,41 +741,46 @@ def _without_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     else:
         out, c_state, c_diag = skip(g, c_state, count)
         grad_norm = tree_norm(g)
-    zero = jnp.zeros([], jnp.float32)
-    diag = {
-        "grad_norm": grad_norm,
-        "perturbation_norm": zero,
-        "second_grad_norm": zero,
-        "perturbed_loss": jnp.float32(jnp.nan),
-        **{k: zero for k in setup.perturbation.diagnostics},
-        # a rule whose skip reports less (the default skip reports nothing) shows 0
-        **{k: zero for k in setup.combination.diagnostics},
-        **c_diag,
-    }
-    diag["cosine"] = zero if setup.measure_cosine else jnp.float32(jnp.nan)
-    return _as_params(out, step.params), p_state, c_state, _f32(diag), tree_all_finite(g)
+    diag = {k: step.previous[k] for k in setup.branch_diagnostics}
+    diag.update(c_diag, grad_norm=grad_norm)
+    finite = jnp.stack([tree_all_finite(g), jnp.bool_(True)])
+    return _as_params(out, step.params), p_state, c_state, _f32(diag), finite
 
 
 def _step_diagnostics(
     setup: _Setup,
     diag: dict[str, jax.Array],
+    previous: dict[str, jax.Array],
     *,
     loss: Any,
+    perturbed_loss_measured: bool,
     rho: jax.Array,
     count: jax.Array,
     take: jax.Array,
+    finite: jax.Array,
     policy_diag: dict[str, jax.Array],
     second_gradients: jax.Array,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """The state's diagnostics from a branch's: the losses, ρ, the policy's, the device mean.
+    """The state's diagnostics from a branch's: the losses, ρ, the policy's, the count of
+    dropped non-finite second gradients, the device mean.
 
-    Returns them (float32, exactly the keys of ``setup.diagnostic_names``) and the new count of
-    steps that took g₂.
+    ``loss`` (the clean loss, or the m micro-batch losses: their mean) is carried from
+    ``previous`` when None; ``sharpness`` = perturbed − clean loss when this step measured both
+    (``perturbed_loss_measured``: ``value_and_grad_fn`` was given, and ``take``), else carried.
+    Returns the diagnostics (float32, exactly the keys of ``setup.diagnostic_names``) and the
+    new count of steps that took g₂.
     """
     diag = dict(diag)
-    clean_loss = jnp.nan if loss is None else jnp.mean(jnp.asarray(loss, jnp.float32))
-    diag["loss"] = clean_loss
-    diag["sharpness"] = diag["perturbed_loss"] - clean_loss
+    if loss is None:
+        diag["loss"] = previous["loss"]
+        diag["sharpness"] = previous["sharpness"]
+    else:
+        diag["loss"] = jnp.mean(jnp.asarray(loss, jnp.float32))
+        measured = jnp.bool_(perturbed_loss_measured) & take
+        gap = diag["perturbed_loss"] - diag["loss"]
+        diag["sharpness"] = jnp.where(measured, gap, previous["sharpness"])
+    dropped = (finite[0] & ~finite[1]).astype(jnp.float32)
+    diag["nonfinite_second_gradients"] = previous["nonfinite_second_gradients"] + dropped
     if "surrogate_gap" in setup.diagnostic_names:  # GSAM's name for the same quantity
         diag["surrogate_gap"] = diag["sharpness"]
     diag["rho"] = rho
@@ -752,14 +796,55 @@ def _step_diagnostics(
     return {k: jnp.asarray(diag[k], jnp.float32) for k in setup.diagnostic_names}, seconds
 
 
+def _initial_diagnostics(names: Sequence[str]) -> dict[str, jax.Array]:
+    """NaN (never measured) for every value, 0 for the count of dropped second gradients."""
+    nan = float("nan")
+    return {
+        n: jnp.full([], 0.0 if n == "nonfinite_second_gradients" else nan, jnp.float32)
+        for n in names
+    }
+
+
+def _refuse_multisteps() -> None:
+    """A clear error when the transformation is being built inside ``optax.MultiSteps``.
+
+    MultiSteps hands its inner ``update`` the mean of the accumulated clean gradients but the
+    ``grad_fn`` of the last mini-batch alone, and keeps the inner state only on the last
+    mini-step: the second gradient would be the last mini-batch's, not the mean over all.
+    The call stack is the only place that says so (MultiSteps.init calls our init directly).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
+            raise ValueError(
+                "sharpjax transformations cannot run inside optax.MultiSteps: it would take "
+                "the second gradient g₂ = ∇L(w + ε) on the last mini-batch only, where SAM "
+                "needs the mean over all of them. Accumulate inside one step instead: "
+                "sharpjax.parallel.make_train_step(..., num_micro_steps=k) (the trainer's "
+                "--num_micro_steps), which accumulates both passes over k micro-batches "
+                "(sharpjax.parallel.accumulated_grad_fn gives such a grad_fn for your own "
+                "loop); or m-sharpness with one ε per micro-batch, sharpjax.msam(rho, m)."
+            )
+        frame = frame.f_back
+
+
 def _guard(
     finite: jax.Array, out: Any, new_state: SharpnessAwareState, state: SharpnessAwareState
 ) -> tuple[Any, SharpnessAwareState]:
-    """The non-finite guard: a step whose g, ε or g₂ is not finite changes no state (it would
-    poison VaSSO's d, for instance), and its non-finite ``out`` is passed on. The diagnostics
-    show the step as it was."""
+    """The non-finite guard, ``finite = (g finite, ε and g₂ finite)``.
+
+    A step that is not finite changes no state (it would poison VaSSO's d, for instance); the
+    diagnostics show the step as it was. A non-finite clean gradient g is passed on in ``out``
+    (``optax.apply_if_finite`` sees it in its input and skips the step). A non-finite ε or g₂
+    from a finite g (the loss overflows at w + ε, an injected ρ is NaN) cannot be seen by
+    ``apply_if_finite``, which checks only its input: ``out`` is zero instead (selected, not
+    mixed: the NaN does not leak), and the diagnostics count it in
+    ``nonfinite_second_gradients``.
+    """
+    dropped = finite[0] & ~finite[1]
+    out = jax.tree.map(lambda o: jnp.where(dropped, jnp.zeros_like(o), o), out)
     kept = state._replace(diagnostics=new_state.diagnostics)
-    return out, _keep_if(finite, new_state, kept)
+    return out, _keep_if(finite[0] & finite[1], new_state, kept)
 
 
 def sharpness_aware(
@@ -814,7 +899,7 @@ def sharpness_aware(
         consecutive devices). The final gradient is always averaged over ``axis_name``.
       group_size: devices per group in ``"grouped"`` mode; must divide the device count.
       cosine: whether the diagnostics carry ``cosine``, the cosine between ``g`` and ``g₂``
-        (NaN when not measured). It needs ``g`` alive through the second pass: free when the
+        (the key is left out when not measured). It needs ``g`` alive through the second pass: free when the
         combination reads ``g`` anyway (SANER, GSAM, LookSAM), one parameter copy of memory
         otherwise (SAM's rule; measured with ``experiments/bench_memory.py``). Default None:
         measured exactly when it is free.
@@ -897,12 +982,13 @@ def sharpness_aware(
         return state
 
     def init_fn(params):
+        _refuse_multisteps()
         check_float_params(params)
         return SharpnessAwareState(
             count=jnp.zeros([], jnp.int32),
             perturbation_state=stacked(perturbation.init)(params),
             combination_state=stacked(combination.init)(params),
-            diagnostics={name: jnp.zeros([], jnp.float32) for name in setup.diagnostic_names},
+            diagnostics=_initial_diagnostics(setup.diagnostic_names),
             policy_state=_policy_init(params),
             second_gradients=jnp.zeros([], jnp.int32),
         )
@@ -962,7 +1048,10 @@ def sharpness_aware(
         diag, seconds = _step_diagnostics(
             setup,
             diag,
+            state.diagnostics,
             loss=loss,
+            perturbed_loss_measured=value_and_grad_fn is not None,
+            finite=finite,
             rho=step.rho,
             count=step.count,
             take=take,
@@ -986,7 +1075,8 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     """The last step's diagnostics of every sharpjax transformation in a (chained) state.
 
     Works on the state of ``optax.chain(...)``, nested chains, ``optax.inject_hyperparams``,
-    ``optax.apply_if_finite``, ``optax.MultiSteps`` and pmapped/sharded states alike: it
+    ``optax.apply_if_finite`` and pmapped/sharded states alike (``optax.MultiSteps`` does not
+    take sharpjax transformations: see :func:`sharpness_aware`): it
     collects the ``diagnostics`` dict of each sharpjax state it finds (and the noise-resistant
     feedback's). Keys are unique per chain; when two sharpjax transformations report the same
     key, the later ones get a ``_1``, ``_2`` suffix.
@@ -994,7 +1084,7 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     Example::
 
         updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-        sharpjax.diagnostics(opt_state)["cosine"]
+        sharpjax.diagnostics(opt_state)["second_grad_norm"]
     """
     found: dict[str, jax.Array] = {}
 

@@ -350,7 +350,7 @@ def test_execution_forms_equal_the_mean_of_the_microbatch_equations(form):
     else:
         second_pass = lambda p: (None, a[0] * p)
         g, p_state, c_state = a[0] * w, (), ()
-    previous = {}
+    previous = core._initial_diagnostics(setup.diagnostic_names)
     step = core._Step(setup, w, jnp.int32(0), jnp.float32(rho), second_pass, previous)
     out, _, _, diag, finite = getattr(core, form)(step, g, p_state, c_state)
 
@@ -370,3 +370,23 @@ def test_execution_forms_equal_the_mean_of_the_microbatch_equations(form):
     np.testing.assert_allclose(diag["perturbation_norm"], rho, rtol=1e-6)
     np.testing.assert_allclose(diag["cosine"], want_cos, rtol=1e-6)
     assert bool(jnp.all(finite))
+
+
+def test_guard_zeroes_a_bad_second_gradient_and_passes_a_bad_clean_one_on():
+    from sharpjax.core import SharpnessAwareState, _guard
+
+    def state(value):
+        return SharpnessAwareState(jnp.int32(value), jnp.float32(value), (), {"d": value})
+
+    old, new = state(0), state(1)
+    out = {"w": jnp.array([1.0, jnp.nan])}
+    for clean, second in [(True, True), (True, False), (False, True), (False, False)]:
+        got_out, got = _guard(jnp.array([clean, second]), out, new, old)
+        ok = clean and second
+        # the state moves only on a finite step; the diagnostics always show the step
+        assert int(got.count) == int(ok) and float(got.perturbation_state) == float(ok)
+        assert got.diagnostics == {"d": 1}
+        if clean and not second:  # apply_if_finite cannot see a bad g₂: zeros, selected
+            np.testing.assert_array_equal(got_out["w"], [0.0, 0.0])
+        else:  # passed on as it came (a bad clean g is apply_if_finite's to see)
+            np.testing.assert_array_equal(got_out["w"], out["w"])

@@ -70,8 +70,15 @@ def test_non_finite_step_leaves_the_state_as_it_was(setup, name, which):
     else:
         updates, new_state = update(poison(g, which), state, params, batch)
 
-    # The non-finite output is passed on (apply_if_finite must see it) ...
-    assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    finite_updates = all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    if which == "second":
+        # A bad g₂ from a finite g, which apply_if_finite cannot see: the output is zeroed
+        # (the base optimizer's momentum still moves the params) and counted.
+        assert finite_updates
+        assert float(sharpjax.diagnostics(new_state)["nonfinite_second_gradients"]) == 1.0
+    else:
+        # The non-finite clean gradient is passed on (apply_if_finite sees it in its input) ...
+        assert not finite_updates
 
     # ... and no sharpjax state moved (diagnostics aside: they show the step as it was).
     def rule_states(s):
@@ -436,7 +443,7 @@ def test_cosine_is_opt_in_for_sam_and_free_for_saner(setup):
 
     plain_updates, plain = step(sharpjax.sam(RHO))
     measured_updates, measured = step(sharpjax.sam(RHO, cosine=True))
-    assert np.isnan(plain["cosine"])
+    assert "cosine" not in plain  # known at construction not to be measured: left out
     np.testing.assert_allclose(measured["cosine"], expected, rtol=1e-5)
     # Measuring changes nothing else: both output g₂ (float32, one gradient: rtol 1e-5).
     np.testing.assert_allclose(plain_updates, measured_updates, rtol=1e-5, atol=1e-8)
@@ -448,7 +455,7 @@ def test_cosine_is_opt_in_for_sam_and_free_for_saner(setup):
     off = sharpjax.core.sharpness_aware(
         sharpjax.sam_perturbation(), sharpjax.saner_combination(0.5), rho=RHO, cosine=False
     )
-    assert np.isnan(step(off)[1]["cosine"])
+    assert "cosine" not in step(off)[1]
     with pytest.raises(TypeError, match="cosine"):
         sharpjax.core.sharpness_aware(sharpjax.sam_perturbation(), cosine="yes")
 
@@ -464,4 +471,213 @@ def test_trainer_measure_cosine_is_passed_to_the_optimizer(setup):
         state = tx.init(params)
         g = grads_at(params, batch)
         _, state = tx.update(g, state, params, grad_fn=lambda q: grads_at(q, batch))
-        assert np.isnan(sharpjax.diagnostics(state)["cosine"]) != measure
+        assert ("cosine" in sharpjax.diagnostics(state)) == measure
+
+
+# ---------------------------------------------------------------------------------------
+# A non-finite second gradient from a finite clean one (issue 19): apply_if_finite cannot
+# see it, so the transformation's output is zero, its state stays, and it is counted.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "apply_if_finite"])
+@pytest.mark.parametrize("source", ["rho_nan", "second_nan"])
+def test_a_nonfinite_second_gradient_leaves_the_params_where_they_were(setup, guarded, source):
+    params, batches = setup
+    # Plain SGD: a zero output from the sharpjax stage is exactly "params unchanged".
+    chain = optax.chain(optax.inject_hyperparams(sharpjax.vasso)(rho=RHO, theta=0.4), optax.sgd(LR))
+    tx = optax.apply_if_finite(chain, max_consecutive_errors=3) if guarded else chain
+    inner = (lambda s: s.inner_state) if guarded else (lambda s: s)
+
+    @jax.jit
+    def step(params, state, batch, bad):
+        g = grads_at(params, batch)
+        grad_fn = lambda q: grads_at(q, batch)
+        if source == "second_nan":
+            grad_fn = lambda q: jax.tree.map(
+                lambda x: jnp.where(bad, jnp.nan, x), grads_at(q, batch)
+            )
+        updates, state = tx.update(g, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    params, state = step(params, state, batches[0], False)
+    if source == "rho_nan":
+        inner(state)[0].hyperparams["rho"] = jnp.asarray(jnp.nan)
+    before_params, before = params, inner(state)[0].inner_state
+    params, state = step(params, state, batches[1], True)
+
+    for old, new in zip(jax.tree.leaves(before_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(old, new)  # not a NaN, not a step: unchanged
+    after = inner(state)[0].inner_state
+    assert int(after.count) == int(before.count) == 1  # the rule state did not move ...
+    np.testing.assert_array_equal(
+        after.perturbation_state.d["layer0"]["kernel"],
+        before.perturbation_state.d["layer0"]["kernel"],
+    )
+    diag = sharpjax.diagnostics(state)
+    assert float(diag["nonfinite_second_gradients"]) == 1.0  # ... and the step is counted
+    if guarded:
+        assert int(state.notfinite_count) == 0  # its input was finite: documented
+    # The run goes on: the next good step moves the params and counts.
+    if source == "rho_nan":
+        inner(state)[0].hyperparams["rho"] = jnp.asarray(RHO)
+    params, state = step(params, state, batches[2], False)
+    assert int(inner(state)[0].inner_state.count) == 2
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    assert float(sharpjax.diagnostics(state)["nonfinite_second_gradients"]) == 1.0
+
+
+def test_multisteps_is_refused_with_the_pointer_to_num_micro_steps(setup):
+    params, _ = setup
+    for inner in (sharpjax.sam(RHO), optax.chain(sharpjax.saner(RHO), optax.sgd(LR))):
+        with pytest.raises(ValueError, match=r"MultiSteps.*num_micro_steps"):
+            optax.MultiSteps(inner, every_k_schedule=2).init(params)
+
+
+def test_updates_of_another_structure_or_shape_name_updates(setup):
+    params, batches = setup
+    g = grads_at(params, batches[0])
+    grad_fn = lambda q: grads_at(q, batches[0])
+    tx = sharpjax.sam(RHO)
+    missing = {"layer0": g["layer0"]}
+    with pytest.raises(ValueError, match=r"updates must be a pytree with the structure"):
+        tx.update(missing, tx.init(params), params, grad_fn=grad_fn)
+    wrong = {**g, "layer1": {**g["layer1"], "bias": g["layer1"]["bias"][:2]}}
+    with pytest.raises(ValueError, match=r"updates has a leaf \['layer1'\]\['bias'\] of shape"):
+        tx.update(wrong, tx.init(params), params, grad_fn=grad_fn)
+    micro = sharpjax.msam(RHO, 2)
+    with pytest.raises(ValueError, match=r"updates has a leaf .* num_microbatches=2"):
+        micro.update(g, micro.init(params), params, grad_fn=lambda q, j: grad_fn(q))
+
+
+# ---------------------------------------------------------------------------------------
+# Diagnostics: what a step did not measure is carried, what is never measured is left out.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["looksam", "random_sam"])
+def test_a_skipped_step_carries_the_last_measured_values(setup, name):
+    params, batches = setup
+    if name == "looksam":
+        tx = sharpjax.looksam(RHO, k=2)
+    else:  # takes g₂ on step 0 (p = 1), never after (p = 0)
+        tx = sharpjax.random_sam(RHO, lambda t: jnp.where(t < 1, 1.0, 0.0), cosine=True)
+    state = tx.init(params)
+    diags = []
+    for i, batch in enumerate(batches[:2]):
+        loss, g = jax.value_and_grad(cross_entropy)(params, *batch)
+        vg = lambda q, b=batch: jax.value_and_grad(cross_entropy)(q, *b)
+        _, state = tx.update(g, state, params, value_and_grad_fn=vg, loss=loss if i == 0 else None)
+        diags.append({k: float(v) for k, v in sharpjax.diagnostics(state).items()})
+    took, skipped = diags
+    assert took["second_gradient"] == 1.0 and skipped["second_gradient"] == 0.0
+    carried = ("perturbation_norm", "second_grad_norm", "cosine", "perturbed_loss", "sharpness")
+    carried += ("loss",)  # no loss= on the second step
+    for key in carried:
+        assert skipped[key] == took[key] and np.isfinite(took[key]), key
+    # measured on the skipped step too: its own clean gradient's norm
+    w, _, grad = flat_loss_grad(params)
+    np.testing.assert_allclose(skipped["grad_norm"], jnp.linalg.norm(grad(w, batches[1])), 1e-5)
+
+
+def test_never_measured_values_are_nan_and_a_static_cosine_is_absent(setup):
+    params, batches = setup
+    for tx, has_cosine in ((sharpjax.sam(RHO), False), (sharpjax.saner(RHO), True)):
+        state = tx.init(params)
+        _, state = tx.update(
+            grads_at(params, batches[0]), state, params, grad_fn=lambda q: grads_at(q, batches[0])
+        )
+        diag = sharpjax.diagnostics(state)
+        assert ("cosine" in diag) == has_cosine
+        for key in ("loss", "perturbed_loss", "sharpness"):  # no loss=, no value_and_grad_fn=
+            assert np.isnan(diag[key]), key
+        assert all(
+            np.isfinite(v)
+            for k, v in diag.items()
+            if k not in {"loss", "perturbed_loss", "sharpness"}
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Planted-bug survivors of issue 19, each with the test that catches it.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make", [sharpjax.sam, sharpjax.asam, sharpjax.vasso, sharpjax.saner, sharpjax.gsam]
+)
+def test_zero_gradient_at_a_minimum_with_a_grad_fn_that_reads_its_argument(make):
+    """L(w) = ½‖w − c‖² at w = c: g = 0, so ε must be 0 (a norm without its epsilon gives
+    0/0 = NaN, and g₂ = ∇L(w + ε) = ε would be NaN)."""
+    c = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.25, -1.0])}
+    grad_fn = lambda p: jax.tree.map(lambda x, y: x - y, p, c)
+    tx = make()
+    updates, state = tx.update(grad_fn(c), tx.init(c), c, grad_fn=grad_fn)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert int(state.count) == 1  # a finite step: the state moved
+    diag = sharpjax.diagnostics(state)
+    assert float(diag["perturbation_norm"]) == 0.0 and float(diag["second_grad_norm"]) == 0.0
+    assert float(diag["nonfinite_second_gradients"]) == 0.0
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_msam_diagnostics_are_the_microbatch_means(setup, execution):
+    params, batches = setup
+    m, batch = 4, batches[0]
+    tx = sharpjax.msam(RHO, m, cosine=True, microbatch_execution=execution)
+    loss_fn = lambda p, b: cross_entropy(p, *b)
+    losses, g, _ = sharpjax.microbatch_value_and_grad(loss_fn, params, batch, m)
+    micro = sharpjax.split_microbatches(batch, m)
+    vg = lambda q, j: jax.value_and_grad(loss_fn)(q, jax.tree.map(lambda a: a[j], micro))
+    _, state = jax.jit(lambda g, s, p, ls: tx.update(g, s, p, value_and_grad_fn=vg, loss=ls))(
+        g, tx.init(params), params, losses
+    )
+    diag = sharpjax.diagnostics(state)
+
+    w, unravel, grad = flat_loss_grad(params)
+    rows = {k: [] for k in ("loss", "perturbed_loss", "grad_norm", "second_grad_norm", "cosine")}
+    for part in micro_parts(batch, m):
+        gj = grad(w, part)
+        perturbed = w + RHO * gj / jnp.linalg.norm(gj)
+        g2 = grad(perturbed, part)
+        rows["loss"].append(cross_entropy(unravel(w), *part))
+        rows["perturbed_loss"].append(cross_entropy(unravel(perturbed), *part))
+        rows["grad_norm"].append(jnp.linalg.norm(gj))
+        rows["second_grad_norm"].append(jnp.linalg.norm(g2))
+        rows["cosine"].append(gj @ g2 / (jnp.linalg.norm(gj) * jnp.linalg.norm(g2)))
+    for key, values in rows.items():
+        np.testing.assert_allclose(diag[key], np.mean(values), rtol=2e-5, err_msg=key)
+    want_sharpness = np.mean(rows["perturbed_loss"]) - np.mean(rows["loss"])
+    np.testing.assert_allclose(diag["sharpness"], want_sharpness, rtol=1e-3, atol=1e-6)
+
+
+def test_diagnostics_are_device_means_under_a_named_axis(setup):
+    """vmap with axis_name runs the same collectives as pmap: per-device SAM on 4 "devices",
+    each with its own batch; every device reports the mean over devices."""
+    params, batches = setup
+    tx = sharpjax.sam(RHO, axis_name="dev", cosine=True)
+    xs = jnp.stack([b[0] for b in batches[:4]])
+    ys = jnp.stack([b[1] for b in batches[:4]])
+
+    def device(x, y):
+        loss, g = jax.value_and_grad(cross_entropy)(params, x, y)
+        vg = lambda q: jax.value_and_grad(cross_entropy)(q, x, y)
+        _, state = tx.update(g, tx.init(params), params, value_and_grad_fn=vg, loss=loss)
+        return sharpjax.diagnostics(state)
+
+    diag = jax.vmap(device, axis_name="dev")(xs, ys)
+    w, unravel, grad = flat_loss_grad(params)
+    norms, norms2, perturbed = [], [], []
+    for x, y in zip(xs, ys, strict=True):
+        gd = grad(w, (x, y))
+        p = w + RHO * gd / jnp.linalg.norm(gd)
+        norms.append(jnp.linalg.norm(gd))
+        perturbed.append(cross_entropy(unravel(p), x, y))
+        norms2.append(jnp.linalg.norm(grad(p, (x, y))))  # per device: each its own g₂
+    for key, want in (
+        ("grad_norm", np.mean(norms)),
+        ("second_grad_norm", np.mean(norms2)),
+        ("perturbed_loss", np.mean(perturbed)),
+    ):
+        np.testing.assert_allclose(diag[key], np.full(4, want), rtol=1e-5, err_msg=key)
