@@ -441,11 +441,12 @@ def subplot_grid(count: int, ncols: int = 3, size: float = 4.2) -> tuple[plt.Fig
 
 
 def percent_axis(ax: plt.Axes, axis: str = "y") -> None:
-    """Shows fractions (0.5) as percentages (50 %) on ``axis``, as the tables do."""
+    """Shows fractions (0.5) as percentages (50 %) on ``axis``, as the tables do, with as many
+    decimals as the ticks need (32.5 %, not a rounded 33 %)."""
     from matplotlib.ticker import PercentFormatter
 
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    target.set_major_formatter(PercentFormatter(xmax=1.0, decimals=None))
 
 
 def band_note(count: int) -> str:

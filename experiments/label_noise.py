@@ -13,7 +13,8 @@ masked fraction (the share of gradient elements it down-weights).
 Presets (``--preset NAME``; any config key can be overridden, e.g. ``--seeds 0 1 2``):
 
 * ``main``: the README's main job. mnist1d + the 1-D CNN, SGD/SAM/VaSSO/SANER at 40 %
-  symmetric noise, 3 seeds, 30 epochs: 12 runs, about 3 min on 2 busy CPU cores.
+  symmetric noise, 3 seeds, 30 epochs: 12 runs, 80 s on an idle 2-core CPU, 16 min when its
+  2 cores are shared at load average 20 (3 min 48 s of CPU time).
 * ``default``: the offline experiment behind the README results. mnist1d + 1-D CNN (4000
   training sequences), SGD/SAM/VaSSO/SANER/SANER-on-VaSSO under symmetric noise
   0/20/40/60 % and asymmetric (pair-flip) 40 %, plus GSAM and ASAM at 40 % symmetric, 3 seeds,
@@ -485,12 +486,15 @@ def _setup(config: dict[str, Any]) -> str:
 
 
 def _per_setting_plot(
-    config, runs, key, settings, metric, path, percent=True, ylabel=None
+    config, runs, key, settings, metric, path, ylabel, percent=True
 ) -> str | None:
+    """One panel per noise setting; ``metric`` (long) titles the figure, ``ylabel`` (short,
+    so that it fits beside one panel) labels the left column's y axes."""
     if not settings:
         return None
     fig, axes = common.subplot_grid(len(settings))
-    for ax, setting in zip(axes, settings, strict=False):
+    ncols = axes[0].get_subplotspec().get_gridspec().ncols
+    for i, (ax, setting) in enumerate(zip(axes, settings, strict=False)):
         for opt in optimizer_rows(config):
             selected = _select(runs, opt, setting)
             if not selected or all(h.get(key) is None for h in selected[0]["history"]):
@@ -499,11 +503,10 @@ def _per_setting_plot(
             common.plot_band(ax, epochs, curves, label=NAMES.get(opt, opt))
         ax.set_title(f"label noise: {noise_label(setting)}", fontsize=10)
         ax.set_xlabel("epoch")
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)  # percent ticks carry their own % sign
         if percent:
-            ax.set_ylabel(f"{metric} (%)")
             common.percent_axis(ax)
-        else:
-            ax.set_ylabel(ylabel or metric)
         ax.grid(alpha=0.3)
     common.figure_legend(fig, axes, note=common.band_note(len(config["seeds"])))
     return common.save_figure(fig, path, title=f"{metric[0].upper()}{metric[1:]}: {_setup(config)}")
@@ -525,6 +528,7 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                 settings,
                 "test accuracy",
                 os.path.join(out, "test_accuracy.png"),
+                "test accuracy",
             ),
             _per_setting_plot(
                 config,
@@ -533,6 +537,7 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                 noisy,
                 "memorisation of the noisy training labels",
                 os.path.join(out, "memorization.png"),
+                "noisy labels memorised",
             ),
         ]
         # ρ-sharpness L(w + ε) − L(w) on each training batch, averaged over the epoch, for the
@@ -549,8 +554,8 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                     settings,
                     f"sharpness L(w + ε) − L(w), ρ = {config['rho']}",
                     os.path.join(out, "sharpness.png"),
+                    "batch sharpness",
                     percent=False,
-                    ylabel="sharpness of the training batch",
                 )
             )
         saner = [o for o in optimizer_rows(config) if o.startswith("saner")]
@@ -563,6 +568,7 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
                     settings,
                     "SANER's masked fraction of gradient elements",
                     os.path.join(out, "masked_fraction.png"),
+                    "elements masked",
                 )
             )
 
