@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,7 +14,14 @@ import numpy as np
 import pytest
 
 from sharpjax.data import Dataset, load_dataset
-from sharpjax.train import TrainConfig, train
+from sharpjax.train import TrainConfig, config_from_args, train
+from sharpjax.train.checkpoint import (
+    LOCK_FILE,
+    WorkdirInUseError,
+    prepare_workdir,
+    release_workdir,
+)
+from sharpjax.train.config import resolved_config
 from sharpjax.train.metrics import TIMING_KEYS, read_jsonl
 
 
@@ -101,7 +112,7 @@ def test_incompatible_and_finished_workdirs(noisy_digits, tmp_path):
     files = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
     assert {"config.json", "metrics.jsonl", "result.json", "labels.npz"} <= set(files)
 
-    with pytest.raises(ValueError, match=r"incompatible config:\n.*seed: saved 0, requested 1"):
+    with pytest.raises(ValueError, match=r"incompatible config \(.*seed: saved 0, requested 1"):
         train(config(workdir, **small, seed=1), noisy_digits)
     with pytest.raises(ValueError, match="optimizer: saved 'sam', requested 'gsam'"):
         train(config(workdir, **{**small, "optimizer": "gsam"}), noisy_digits)
@@ -127,3 +138,115 @@ def test_foreign_run_files_are_refused(noisy_digits, tmp_path):
         train(config(tmp_path / "b"), noisy_digits)
     assert (tmp_path / "b" / "result.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["result.json"]
+
+
+# --------------------------------------------------------------------------------------
+# The workdir lock, the finished-run message, the recorded defaults (no training).
+# --------------------------------------------------------------------------------------
+
+HOLDER = """
+import sys
+from sharpjax.train.checkpoint import lock_workdir
+lock_workdir(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()  # holds the lock until the test closes stdin or kills it
+"""
+
+
+def _holder(workdir) -> subprocess.Popen:
+    from tests.multidevice.runner import subprocess_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    line = proc.stdout.readline()  # no time limit: it comes once the imports are done
+    assert line == "locked\n", proc.stderr.read()[-3000:]
+    return proc
+
+
+def test_a_second_trainer_is_refused_with_the_path_and_pid_of_the_first(tmp_path):
+    workdir = tmp_path / "run"
+    first = _holder(workdir)
+    lock = workdir / LOCK_FILE
+    try:
+        with pytest.raises(WorkdirInUseError, match=f"in use by process {first.pid} on ") as err:
+            prepare_workdir(config(workdir))
+        assert str(lock) in str(err.value) and "wait for it to finish" in str(err.value)
+        assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]  # nothing touched
+    finally:
+        first.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        first.wait()
+    assert json.loads(lock.read_text())["pid"] == first.pid
+    # The kernel dropped the dead trainer's flock: the next one takes the workdir.
+    try:
+        assert prepare_workdir(config(workdir)) is False  # a fresh run
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    finally:
+        release_workdir(str(workdir))
+    assert not lock.exists()
+
+
+def test_without_flock_a_stale_lock_file_is_taken_over(tmp_path, monkeypatch):
+    import socket
+
+    import sharpjax.train.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "fcntl", None)  # a file system without locks
+    workdir, host = tmp_path / "run", socket.gethostname()
+    workdir.mkdir()
+    lock = workdir / LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID is free now
+    lock.write_text(json.dumps({"pid": dead.pid, "host": host}))
+    with pytest.warns(RuntimeWarning, match=re.escape(f"stale lock {lock} of process {dead.pid}")):
+        assert checkpoint.lock_workdir(str(workdir)) is True
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert checkpoint.lock_workdir(str(workdir)) is False  # held already: no-op
+    checkpoint.release_workdir(str(workdir))
+    assert not lock.exists()
+    # A live process on this host, or any process on another host, holds it.
+    for holder in ({"pid": os.getppid(), "host": host}, {"pid": dead.pid, "host": "elsewhere"}):
+        lock.write_text(json.dumps(holder))
+        with pytest.raises(WorkdirInUseError, match=f"process {holder['pid']} on {holder['host']}"):
+            checkpoint.lock_workdir(str(workdir))
+        assert json.loads(lock.read_text()) == holder  # left as it was
+
+
+def _fake_finished_run(workdir, cfg) -> None:
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(resolved_config(cfg).to_dict()))
+    (workdir / "result.json").write_text("{}")
+
+
+def test_finished_run_message_names_the_option_as_the_caller_spells_it(tmp_path, capsys):
+    from sharpjax.train.__main__ import main
+
+    workdir = tmp_path / "run"
+    argv = ["--dataset=digits", "--model=mlp", "--optimizer=sam", f"--workdir={workdir}"]
+    _fake_finished_run(workdir, config_from_args(argv))
+    with pytest.raises(FileExistsError, match=r"or overwrite=True to delete that run"):
+        prepare_workdir(config_from_args(argv))
+    assert main([*argv, "--progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "or --overwrite to delete that run" in err and "overwrite=True" not in err
+    assert err.count("\n") == 1
+
+
+def test_config_json_records_the_defaults_and_resumes_with_them(tmp_path):
+    cfg = config(tmp_path / "run", optimizer="saner")  # rho and alpha None: the defaults
+    saved = resolved_config(cfg, num_devices=1)
+    assert (saved.rho, saved.alpha, saved.num_devices) == (0.1, 0.5, 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved.to_dict()))
+    try:
+        assert prepare_workdir(cfg) is True  # None and the default it stands for agree
+        assert prepare_workdir(cfg.replace(rho=0.1)) is True
+        with pytest.raises(ValueError, match=r"rho: saved 0\.1, requested 0\.2"):
+            prepare_workdir(cfg.replace(rho=0.2))
+    finally:
+        release_workdir(cfg.workdir)

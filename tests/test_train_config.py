@@ -160,8 +160,123 @@ def test_make_optimizer_every_name(name):
     state = tx.init(params)
     if name in ("sgd", "adamw"):
         assert sharpjax.diagnostics(state) == {}
+    elif name == "momentum_sam":  # one gradient: no g₂ to compare with
+        assert {"velocity_norm", "rho"} <= set(sharpjax.diagnostics(state))
     else:
         assert "cosine" in sharpjax.diagnostics(state)
+
+
+def test_momentum_sam_in_the_trainer_is_the_papers_equations():
+    """Becker et al. 2023 on the true weights w: g_t = ∇L(w̃_t) + wd·w̃_t at w̃_t = w_t − ρ v̂_t
+    (v̂ = 0 while v = 0), v_{t+1} = μ v_t + g_t, w_{t+1} = w_t − η v_{t+1}; the trainer holds w̃."""
+    from jax.flatten_util import ravel_pytree
+
+    lr, mu, rho, wd = 0.1, 0.9, 0.2, 0.01
+    config = TrainConfig(
+        dataset="digits", model="mlp", optimizer="momentum_sam", rho=rho, learning_rate=lr,
+        momentum=mu, weight_decay=wd, lr_schedule="constant",
+    )  # fmt: skip
+    tx = make_optimizer(config, steps_per_epoch=5)
+    params = tiny_mlp_params(jax.random.key(0))
+    batches = toy_batches(jax.random.key(1), 3)
+    grad = jax.jit(jax.grad(cross_entropy))
+    flat, unravel = ravel_pytree(params)
+    w, v = np.asarray(flat, np.float64), np.zeros(flat.size)
+
+    def perturbed(w, v):
+        norm = np.linalg.norm(v)
+        return w - (rho * v / norm if norm > 0 else 0.0)
+
+    held, state = params, tx.init(params)
+    for x, y in batches:
+        g = grad(held, x, y)
+        updates, state = tx.update(g, state, held, grad_fn=lambda q, x=x, y=y: grad(q, x, y))
+        held = optax.apply_updates(held, updates)
+        w_tilde = perturbed(w, v)
+        g_ref = np.asarray(ravel_pytree(grad(unravel(w_tilde.astype(np.float32)), x, y))[0])
+        v = mu * v + g_ref + wd * w_tilde
+        w = w - lr * v
+    # float32 params (≲ 1) through 3 steps of a few ops each: ≲ 1e-6; the gradients at
+    # float32-rounded w̃ differ by ≲ 30 eps of their scale. A wrong sign or step is ≳ 1e-2.
+    np.testing.assert_allclose(ravel_pytree(held)[0], perturbed(w, v), rtol=1e-5, atol=2e-6)
+    true = sharpjax.momentum_sam_weights(held, state)
+    np.testing.assert_allclose(ravel_pytree(true)[0], w, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer=sgd", "--rho=0.1"], r"rho=0\.1 is ignored by optimizer='sgd': rho is the "),
+        (["--optimizer=sam", "--alpha=0.5"], "alpha=0.5 is ignored by optimizer='sam'"),
+        (["--optimizer=sam", "--theta=0.5"], "theta=0.5 is ignored by optimizer='sam'"),
+        (["--optimizer=vasso", "--eta=0.1"], "eta=0.1 is ignored by optimizer='vasso'"),
+        (["--optimizer=sam", "--mu=0.1"], "mu=0.1 is ignored by optimizer='sam'"),
+        (["--optimizer=sam", "--num_microbatches=2"], "num_microbatches=2 is ignored"),
+        (["--optimizer=sam", "--saner_warmup_epochs=2"], "saner_warmup_epochs=2 is ignored"),
+        (["--optimizer=saner", "--measure_cosine=false"], "measure_cosine=False is ignored"),
+        # Given explicitly, even at its default value: the user expected it to matter.
+        (["--optimizer=sgd", "--perturbation_mode=synced"], "perturbation_mode='synced' is ig"),
+        (["--optimizer=adamw", "--momentum=0.5"], "momentum=0.5 is ignored by optimizer='adamw'"),
+        (["--optimizer=sam", "--base_optimizer=adamw", "--momentum=0.5"], "momentum=0.5 is ig"),
+        (["--optimizer=adamw", "--base_optimizer=adamw"], "base_optimizer='adamw' is ignored"),
+        (["--optimizer=momentum_sam", "--theta=0.5"], "theta=0.5 is ignored by optimizer='mom"),
+        (["--optimizer=momentum_sam", "--base_optimizer=adamw"], "momentum_sam' replaces SGD"),
+    ],
+)
+def test_an_option_the_optimizer_ignores_is_an_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(argv)
+
+
+def test_ignored_options_from_python():
+    # rho and alpha default to None, so a value was set on purpose; so was a device mode.
+    with pytest.raises(ValueError, match=r"rho=0\.1 is ignored by optimizer='sgd'"):
+        TrainConfig(optimizer="sgd", rho=0.1)
+    with pytest.raises(ValueError, match=r"alpha=0\.5 is ignored by optimizer='vasso'"):
+        TrainConfig(optimizer="vasso", alpha=0.5)
+    with pytest.raises(ValueError, match="perturbation_mode='per_device' is ignored"):
+        TrainConfig(optimizer="sgd", perturbation_mode="per_device")
+    # Options with a default are shared by a grid over optimizers (experiments pass theta,
+    # momentum, ... to every run): from Python they are no error.
+    assert TrainConfig(optimizer="sgd", theta=0.5, mu=0.1).theta == 0.5
+    # The defaults of the command line's base config are not "given".
+    assert config_from_args(["--optimizer=adamw"]).momentum == 0.9
+
+
+# (optimizer, option) pairs the table says are read, each by a subset of the optimizers:
+# changed to a value no default has, the option must change 2 steps of a tiny MLP.
+READ_BY_SOME = [("vasso", "theta", 0.5), ("asam", "eta", 0.1), ("noise_resistant_sam", "mu", 0.5),
+                ("saner", "alpha", 0.3), ("gsam", "alpha", 0.3), ("momentum_sam", "rho", 0.2),
+                ("momentum_sam", "momentum", 0.5)]  # fmt: skip
+
+
+def test_the_options_the_table_says_are_read_change_the_run():
+    import types
+
+    from sharpjax.train.config import OPTIMIZER_OPTIONS
+
+    params = tiny_mlp_params(jax.random.key(0))
+    batches = toy_batches(jax.random.key(1), 2)
+    grad = jax.jit(jax.grad(cross_entropy))  # compiled once; the updates run eagerly
+
+    def run(config):
+        tx, p = make_optimizer(config, steps_per_epoch=3), params
+        state = tx.init(p)
+        for x, y in batches:
+            g = grad(p, x, y)
+            updates, state = tx.update(g, state, p, grad_fn=lambda q, x=x, y=y: grad(q, x, y))
+            p = optax.apply_updates(p, updates)
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(p)])
+
+    before = {}
+    for name, option, value in READ_BY_SOME:
+        base = TrainConfig(dataset="digits", model="mlp", optimizer=name, lr_schedule="constant")
+        assert OPTIMIZER_OPTIONS[option][1](types.SimpleNamespace(**base.to_dict()))
+        if name not in before:
+            before[name] = run(base)
+        after = run(TrainConfig(**{**base.to_dict(), option: value}))
+        # Each change moves some parameter by ≳ 1e-4 in 2 steps; rounding is ≲ 1e-7.
+        assert np.max(np.abs(after - before[name])) > 1e-5, (name, option)
 
 
 def test_make_optimizer_saner_warmup_and_gsam_rho_schedule():
@@ -217,6 +332,11 @@ def test_help_has_every_option_with_description_and_default(capsys):
     # Plain text: no reStructuredText roles or literals left.
     assert "``" not in out and ":func:" not in out and ":data:" not in out
     assert "python -m sharpjax.train --dataset=digits" in out  # the offline example
+    words = " ".join(out.split())  # how to resume, and the lock, whatever the line breaks
+    assert (
+        "To resume an interrupted run, run the same command again with the same --workdir" in words
+    )
+    assert "WORKDIR/.sharpjax.lock" in words and "unless --overwrite" in words
     helps = {
         action.dest: action.help
         for action in build_parser()._actions
@@ -261,6 +381,14 @@ def test_help_example_is_an_offline_config():
         (["--epochs"], "--epochs needs a value"),
         (["--seed=-1"], "seed must be >= 0"),
         (["--dataset=digits", "--model=cnn1d"], r"cnn1d.*\(8, 8, 1\)"),
+        # An option the optimizer ignores, named as the command line spells it.
+        (["--optimizer=sgd", "--rho=0.1"], r"--rho=0\.1 is ignored by --optimizer=sgd: rho is"),
+        (["--optimizer=saner", "--measure_cosine=false"], "--measure_cosine=false is ignored"),
+        (["foo"], "unrecognized arguments: foo"),
+        (["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+        (["--overwrite", "--overwrite=false"], "--overwrite is given more than once"),
+        (["--model=mlp", '--model_kwargs={"width": 2}'], r"model_kwargs has \['width'\], which"),
+        (["--optimizer=sam", "--perturbation_mode=grouped"], "'grouped' needs group_size"),
     ],
 )
 def test_cli_user_errors_print_one_line_and_exit_2(argv, message, capsys, monkeypatch):

@@ -2,7 +2,9 @@
 
 Every :class:`~sharpjax.train.TrainConfig` field is a ``--key=value`` option
 (:func:`~sharpjax.train.config.build_parser`); ``--help`` lists them with their meaning and
-default. User errors print one message and exit with status 2.
+default. User errors print one message and exit with status 2; messages name options as
+``--overwrite``, not ``overwrite=True``. To resume an interrupted run, run the same command with
+the same ``--workdir`` again.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ import os
 import sys
 
 from sharpjax.data import DatasetNotPreparedError
-from sharpjax.train.checkpoint import CheckpointError
-from sharpjax.train.config import CLI_PROG, build_parser, config_from_args
+from sharpjax.train.checkpoint import CheckpointError, WorkdirInUseError
+from sharpjax.train.config import CLI_PROG, OPTION_STYLE, build_parser, config_from_args
 from sharpjax.train.loop import train
 
 # What a person can fix from the message alone: a bad option or value, a dataset that is not
-# prepared, a workdir that is incompatible, finished or not writable, checkpoints that cannot
-# be restored or written. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, DatasetNotPreparedError, OSError, CheckpointError)
+# prepared, a workdir that is incompatible, finished, in use or not writable, checkpoints that
+# cannot be restored or written. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    DatasetNotPreparedError,
+    OSError,
+    CheckpointError,
+    WorkdirInUseError,
+)
 
 
 def _fail(error: BaseException) -> int:
@@ -31,6 +40,14 @@ def _fail(error: BaseException) -> int:
 
 def main(argv: list[str]) -> int:
     """Runs the command line ``argv`` (without the program name); returns the exit status."""
+    token = OPTION_STYLE.set("cli")  # messages say --overwrite, not overwrite=True
+    try:
+        return _main(argv)
+    finally:
+        OPTION_STYLE.reset(token)
+
+
+def _main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         build_parser().print_help()
         return 0

@@ -17,11 +17,18 @@ Rules (:func:`prepare_workdir`):
 * a workdir holding run files (metrics, results, checkpoints) but no ``config.json`` is
   refused: it was not written by this loop;
 * a finished run (``result.json`` present) is refused with FileExistsError unless
-  ``overwrite=True``, which deletes that run's files (config, labels, metrics, result,
-  checkpoints; nothing else) and starts over;
-* otherwise the run resumes from the latest checkpoint, if any. Everything random in a run is
-  a function of ``(seed, step)`` or ``(seed, epoch)``, so a resumed run is bit-identical on
-  CPU to one that was never interrupted.
+  ``overwrite=True`` (``--overwrite``), which deletes that run's files (config, labels,
+  metrics, result, checkpoints; nothing else) and starts over;
+* otherwise the run resumes from the latest checkpoint, if any: to resume, run the same
+  config (the same command) with the same workdir again. Everything random in a run is a
+  function of ``(seed, step)`` or ``(seed, epoch)``, so a resumed run is bit-identical on CPU
+  to one that was never interrupted;
+* one trainer at a time: ``.sharpjax.lock`` in the workdir holds the PID, host and start time
+  of the trainer that uses it, and a second trainer is refused (:class:`WorkdirInUseError`)
+  with that file's path and the first one's PID. The lock is an ``flock`` on the file where
+  the file system has one (the kernel drops it when the process dies, however it dies);
+  elsewhere the file alone, which a new trainer takes over when its PID is dead on this host.
+  :func:`release_workdir` (or the process's exit) removes it.
 
 Faults:
 
@@ -38,10 +45,14 @@ Faults:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -49,16 +60,173 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sharpjax.train.config import RUNTIME_FIELDS, TrainConfig
+from sharpjax.train.config import RUNTIME_FIELDS, TrainConfig, option, with_method_defaults
+
+try:  # POSIX; without it (or on a file system without locks) the lock is the file alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 CHECKPOINT_DIR = "checkpoints"
 # Damaged checkpoints are moved here (not deleted), so that their epoch can be saved again.
 DAMAGED_DIR = "checkpoints_damaged"
 RUN_FILES = ("config.json", "labels.npz", "metrics.jsonl", "result.json")
+LOCK_FILE = ".sharpjax.lock"
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be restored, or one cannot be written."""
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another trainer, alive, holds the workdir's lock."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (Linux), which tells a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock file names may still run (True when it cannot be told)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True  # another host's process cannot be checked from here
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    started = _start_time(holder["pid"])
+    return started is None or holder.get("start") in (None, started)
+
+
+# The locks this process holds: {lock path: open file (its flock) or None}.
+_HELD: dict[str, Any] = {}
+
+
+def lock_workdir(workdir: str) -> bool:
+    """Takes ``workdir``'s lock for this process; returns False when it held it already.
+
+    Raises:
+      WorkdirInUseError: a live trainer holds it; the message has the lock file's path and
+        that trainer's PID and host.
+    """
+    path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    if path in _HELD:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _start_time(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for _ in range(5):  # each retry follows a lock that went away or was stale
+        holder = _read_lock(path)
+        handle = _try_flock(path)
+        if handle is False:  # locked by a live process
+            raise WorkdirInUseError(_in_use_message(path, holder))
+        if handle is not None:
+            _write_lock(handle, me)
+            _HELD[path] = handle  # a file left without its flock was a trainer that ended
+            return True
+        # No flock here: the file alone, created exclusively.
+        if holder is not None:
+            if _alive(holder):
+                raise WorkdirInUseError(_in_use_message(path, holder))
+            warnings.warn(
+                f"Taking over the stale lock {path} of process {holder.get('pid')} on "
+                f"{holder.get('host')}, which has ended.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue  # another trainer was quicker: look again
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _HELD[path] = None
+        return True
+    raise WorkdirInUseError(_in_use_message(path, _read_lock(path)))
+
+
+def _try_flock(path: str) -> Any:
+    """An open file of ``path`` holding its exclusive flock; False when a live process holds
+    it; None when this file system (or platform) has no flock."""
+    if fcntl is None:
+        return None
+    handle = open(path, "a+")  # noqa: SIM115 - kept open: the lock lives as long as it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+        handle.close()
+        return None
+    try:
+        same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # its holder removed the file between our open and our flock: try again
+        handle.close()
+        return _try_flock(path)
+    return handle
+
+
+def _write_lock(handle: Any, me: dict[str, Any]) -> None:
+    handle.seek(0)
+    handle.truncate()
+    json.dump(me, handle)
+    handle.flush()
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or not ours: held by someone unknown
+    return holder if isinstance(holder, dict) else {}
+
+
+def _in_use_message(path: str, holder: dict[str, Any] | None) -> str:
+    holder = holder or {}
+    who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    since = f" since {holder['since']}" if holder.get("since") else ""
+    return (
+        f"The workdir {os.path.dirname(path)} is in use by {who}{since} (lock file {path}). "
+        "One trainer at a time: wait for it to finish, or use another workdir; if that "
+        f"process is not a sharpjax trainer, delete {path}."
+    )
+
+
+def release_workdir(workdir: str) -> None:
+    """Removes this process's lock on ``workdir`` (if it holds one)."""
+    path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    if path not in _HELD:
+        return
+    handle = _HELD.pop(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)  # while still locked: no other trainer can have taken it
+    if handle is not None:
+        handle.close()  # drops the flock
+
+
+@atexit.register
+def _release_all() -> None:
+    for path in list(_HELD):
+        release_workdir(os.path.dirname(path))
 
 
 def check_writable(directory: str, what: str) -> None:
@@ -83,8 +251,13 @@ def check_writable(directory: str, what: str) -> None:
 
 
 def config_differences(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """Fields (other than runtime ones) whose saved value differs: ``{name: (saved, new)}``."""
-    new = json.loads(json.dumps(config.to_dict()))  # the JSON round trip the saved one had
+    """Fields (other than runtime ones) whose saved value differs: ``{name: (saved, new)}``.
+
+    ρ and α left None are the optimizer's defaults on both sides (``config.json`` records
+    the values used)."""
+    saved = with_method_defaults(saved)
+    # The JSON round trip the saved one had.
+    new = with_method_defaults(json.loads(json.dumps(config.to_dict())))
     keys = (set(saved) | set(new)) - set(RUNTIME_FIELDS)
     missing = "<missing>"
     return {
@@ -101,11 +274,29 @@ def prepare_workdir(config: TrainConfig) -> bool:
       True when the workdir holds an unfinished compatible run (it may have a checkpoint to
       resume from), False when the run starts fresh.
 
+    Takes the workdir's lock (:func:`lock_workdir`; on process 0 of a multi-process run)
+    and keeps it when it returns; the caller releases it (:func:`release_workdir`) when the
+    run ends.
+
     Raises:
       ValueError: the saved config is incompatible with ``config`` (nothing is changed).
       FileExistsError: the workdir holds a finished run and ``overwrite`` is False.
+      WorkdirInUseError: another trainer uses the workdir now.
     """
     workdir = os.path.abspath(config.workdir)
+    check_writable(workdir, "workdir")
+    # The other processes of a multi-process run share process 0's workdir and lock.
+    locked = jax.process_index() == 0 and lock_workdir(workdir)
+    try:
+        return _check_workdir(config, workdir)
+    except BaseException:
+        if locked:  # nothing changed, nothing newly held
+            release_workdir(workdir)
+        raise
+
+
+def _check_workdir(config: TrainConfig, workdir: str) -> bool:
+    """The rules of :func:`prepare_workdir`, once the workdir is locked."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         ours = [name for name in (*RUN_FILES, CHECKPOINT_DIR) if name != "config.json"]
@@ -115,28 +306,27 @@ def prepare_workdir(config: TrainConfig) -> bool:
                 f"{workdir} has {', '.join(found)} but no config.json: it was not written by "
                 "sharpjax.train (or is damaged); nothing was changed. Choose another workdir."
             )
-        check_writable(workdir, "workdir")
         return False
     with open(config_path) as f:
         saved = json.load(f)
-    check_writable(workdir, "workdir")
     finished = os.path.exists(os.path.join(workdir, "result.json"))
     if finished and config.overwrite:
         remove_run(workdir)
         return False
     differences = config_differences(saved, config)
     if differences:
-        lines = "\n".join(
-            f"  {k}: saved {a!r}, requested {b!r}" for k, (a, b) in differences.items()
+        listed = "; ".join(
+            f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in differences.items()
         )
         raise ValueError(
-            f"The workdir {workdir} holds a run with an incompatible config:\n{lines}\n"
-            "Use another workdir (or overwrite=True once that run is finished)."
+            f"The workdir {workdir} holds a run with an incompatible config ({listed}); nothing "
+            "was changed. Resume it with its own config, or use another workdir (or "
+            f"{option('overwrite')} once that run is finished)."
         )
     if finished:
         raise FileExistsError(
             f"{workdir} holds a finished run (result.json). Its results are kept: use another "
-            "workdir, or overwrite=True to delete that run and train again."
+            f"workdir, or {option('overwrite')} to delete that run and train again."
         )
     return True
 

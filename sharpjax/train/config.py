@@ -15,9 +15,11 @@ it. Overrides from the command line::
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import inspect
 import json
+import math
 import re
 import textwrap
 import types
@@ -55,8 +57,13 @@ OPTIMIZERS = (
     "ae_sam",
     "saner_random_sam",
     "esam",
+    # Momentum-SAM replaces the base optimizer (it owns the momentum): one gradient per step,
+    # at the params perturbed against the momentum; the loop holds those perturbed params.
+    "momentum_sam",
 )
 BASE_OPTIMIZERS = ("sgd", "adamw")
+# The optimizers that take no ε of their own per batch: no perturbation micro-batches.
+ONE_GRADIENT = (*BASE_OPTIMIZERS, "momentum_sam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 NOISE_KINDS = ("none", "symmetric", "asymmetric")
 PERTURBATION_MODES = ("synced", "per_device", "grouped")
@@ -77,6 +84,7 @@ DEFAULT_RHO = {
     "ae_sam": 0.05,
     "saner_random_sam": 0.1,
     "esam": 0.05,
+    "momentum_sam": 0.3,
 }
 # SANER's multiplier on masked elements (paper: 0.5); GSAM's α (paper: 0.01 to 0.3).
 DEFAULT_ALPHA = {
@@ -86,6 +94,39 @@ DEFAULT_ALPHA = {
     "saner_random_sam": 0.5,
     "gsam": 0.1,
     "looksam": 0.7,
+}
+
+SHARPNESS_AWARE = tuple(name for name in OPTIMIZERS if name not in BASE_OPTIMIZERS)
+# The methods that report the cosine between g and g₂ only when measure_cosine is set.
+COSINE_OPTIONAL = ("sam", "asam", "vasso", "msam", "noise_resistant_sam", "random_sam",
+                   "saner_random_sam", "ae_sam", "esam")  # fmt: skip
+# The options only some optimizers read: {field: (what it is, does optimizer X read it)}. A
+# run must not silently drop an option its user asked for (``--optimizer=sgd --rho=0.1``), so
+# setting one the chosen optimizer ignores is an error (:func:`check_ignored_options`).
+OPTIMIZER_OPTIONS: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
+    "rho": ("the perturbation radius", lambda c: c.optimizer in SHARPNESS_AWARE),
+    "alpha": ("the α of SANER, GSAM and LookSAM", lambda c: c.optimizer in DEFAULT_ALPHA),
+    "theta": ("VaSSO's θ", lambda c: c.optimizer in ("vasso", "saner_vasso")),
+    "eta": ("ASAM's η", lambda c: c.optimizer in ("asam", "saner_asam")),
+    "mu": ("noise-resistant SAM's gain μ", lambda c: c.optimizer == "noise_resistant_sam"),
+    "num_microbatches": ("mSAM's m", lambda c: c.optimizer == "msam"),
+    "saner_warmup_epochs": ("SANER's α warm-up", lambda c: c.optimizer.startswith("saner")),
+    "measure_cosine": (
+        "whether to report the cosine between g and g₂ (SANER, GSAM, LookSAM always do)",
+        lambda c: c.optimizer in COSINE_OPTIONAL,
+    ),
+    "perturbation_mode": (
+        "how the perturbation ε is taken over devices",
+        lambda c: c.optimizer not in ONE_GRADIENT,
+    ),
+    "momentum": (
+        "SGD's momentum (AdamW has none)",
+        lambda c: c.optimizer != "adamw" and c.base_optimizer == "sgd",
+    ),
+    "base_optimizer": (
+        "the optimizer after a sharpness-aware transformation",
+        lambda c: c.optimizer not in ONE_GRADIENT,
+    ),
 }
 
 # Fields that do not change the training trajectory: they may differ when a run is resumed.
@@ -122,11 +163,16 @@ class TrainConfig:
       model_kwargs: extra keyword arguments of ``get_model`` (e.g. ``{"hidden_sizes": [64]}``).
       mixed_precision: compute in bfloat16; params, optimizer state and loss stay float32.
 
-    Optimizer (see :func:`make_optimizer`):
-      optimizer: one of :data:`OPTIMIZERS`.
+    Optimizer (see :func:`make_optimizer`; an option the chosen optimizer does not read is
+    an error when set, :data:`OPTIMIZER_OPTIONS`):
+      optimizer: one of :data:`OPTIMIZERS`. ``momentum_sam`` is Momentum-SAM
+        (:func:`sharpjax.momentum_sam`), which replaces SGD: one gradient per step, at the
+        params perturbed by ``-rho`` along the momentum; the trainer holds (and evaluates,
+        checkpoints and returns) those perturbed params.
       base_optimizer: ``"sgd"`` or ``"adamw"``, the optimizer after the sharpness-aware
         transformation (``optimizer="adamw"`` implies ``"adamw"``).
-      rho: perturbation radius; None: the method's paper default (:data:`DEFAULT_RHO`).
+      rho: perturbation radius; None: the method's paper default (:data:`DEFAULT_RHO`;
+        ``config.json`` records the value used).
       alpha: SANER's multiplier on masked elements, GSAM's α or LookSAM's α; None:
         :data:`DEFAULT_ALPHA`.
       theta: VaSSO's θ (also saner_vasso). eta: ASAM's η (also saner_asam).
@@ -184,6 +230,10 @@ class TrainConfig:
         epochs are done, as if the job had been interrupted; the schedule still spans
         ``epochs``.
       overwrite: allow replacing a finished run's results in ``workdir``.
+
+    To resume an interrupted run, run the same config with the same ``workdir`` again: it
+    continues from the newest checkpoint (``checkpoint_every > 0``). One trainer at a time
+    may use a workdir (a lock file, see :mod:`sharpjax.train.checkpoint`).
     """
 
     # data
@@ -337,6 +387,20 @@ def _check_devices(config: TrainConfig) -> None:
             )
 
 
+def _check_model_kwargs(config: TrainConfig) -> None:
+    """The keys of ``model_kwargs`` are fields of the model (num_classes comes from the data)."""
+    from sharpjax.models import get_model
+
+    module = type(get_model(config.model, 1))
+    fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", "num_classes"}
+    unknown = sorted(set(config.model_kwargs) - fields)
+    if unknown:
+        raise ValueError(
+            f"model_kwargs has {unknown}, which model={config.model!r} ({module.__name__}) does "
+            f"not take; its options are {sorted(fields)}."
+        )
+
+
 def validate(config: TrainConfig) -> None:
     """Raises a ValueError/TypeError naming the offending field; called on construction.
 
@@ -347,8 +411,13 @@ def validate(config: TrainConfig) -> None:
     from sharpjax.models import MODELS
 
     _check_types(config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}.")
     _choice("dataset", config.dataset, DATASETS)
     _choice("model", config.model, MODELS)
+    _check_model_kwargs(config)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("base_optimizer", config.base_optimizer, BASE_OPTIMIZERS)
     _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
@@ -359,6 +428,19 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(
             "optimizer='sgd' with base_optimizer='adamw' is contradictory: use optimizer='adamw'."
         )
+    if config.optimizer == "momentum_sam" and config.base_optimizer == "adamw":
+        raise ValueError(
+            "optimizer='momentum_sam' replaces SGD with momentum (it owns the momentum), so it "
+            "takes no base_optimizer='adamw': remove base_optimizer, or choose another optimizer."
+        )
+    # rho and alpha default to None, so a value is the user's; so is a perturbation mode other
+    # than synced. The other options have defaults that a Python caller may pass for every
+    # optimizer of a grid: they are checked where it is known which were given (the command
+    # line, config_from_args).
+    given = [name for name in ("rho", "alpha") if getattr(config, name) is not None]
+    if config.perturbation_mode != "synced":
+        given.append("perturbation_mode")
+    check_ignored_options(config, given)
     if not 0.0 <= config.noise_rate < 1.0:
         raise ValueError(f"noise_rate must lie in [0, 1), got {config.noise_rate}.")
     if config.noise == "none" and config.noise_rate != 0.0:
@@ -411,6 +493,67 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be None or >= 1, got {value}.")
 
 
+# How a message names an option: ``overwrite=True`` for a Python caller, ``--overwrite`` on
+# the command line (sharpjax.train.__main__ sets "cli" while it runs).
+OPTION_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("option_style", default="py")
+
+
+def option(name: str, value: Any = True) -> str:
+    """How the caller sets field ``name`` to ``value``, for messages: ``rho=0.1`` (Python) or
+    ``--rho=0.1`` (command line; a true flag is just ``--overwrite``)."""
+    if OPTION_STYLE.get() != "cli":
+        return f"{name}={value!r}"
+    if value is True:
+        return f"--{name}"
+    text = "none" if value is None else json.dumps(value) if isinstance(value, dict) else value
+    return f"--{name}={str(text).lower() if isinstance(value, bool) else text}"
+
+
+def check_ignored_options(config: TrainConfig, given: Sequence[str]) -> None:
+    """Raises a ValueError naming each option in ``given`` that ``config.optimizer`` ignores.
+
+    ``given``: the fields the user set (the command line's options; for a Python caller, the
+    ones whose default is None). An option left at its default is never an error.
+    """
+    problems = []
+    for name in given:
+        if name in OPTIMIZER_OPTIONS and not OPTIMIZER_OPTIONS[name][1](config):
+            what, reads = OPTIMIZER_OPTIONS[name]
+            users = [
+                o
+                for o in OPTIMIZERS
+                if reads(types.SimpleNamespace(optimizer=o, base_optimizer=config.base_optimizer))
+            ]
+            others = [o for o in OPTIMIZERS if o not in users]
+            readers = ", ".join(users) or "no optimizer with this base_optimizer"
+            if len(others) < len(users):
+                readers = f"every optimizer but {', '.join(others)}"
+            problems.append(
+                f"{option(name, getattr(config, name))} is ignored by "
+                f"{option('optimizer', config.optimizer)}: {name} is {what}, read by {readers}"
+            )
+    if problems:
+        raise ValueError("; ".join(problems) + ". Remove it, or choose an optimizer that reads it.")
+
+
+def resolved_config(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """``config`` with the values its run takes where it leaves them to the method (ρ and α:
+    None is the paper's default of the optimizer) and ``changes`` (the loop's device count and
+    mesh): what ``config.json`` records. Resuming compares configs this way too."""
+    values = with_method_defaults(config.to_dict())
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def with_method_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with ``rho``/``alpha`` None replaced by the optimizer's default."""
+    values = dict(values)
+    for name, defaults in (("rho", DEFAULT_RHO), ("alpha", DEFAULT_ALPHA)):
+        if values.get(name) is None and values.get("optimizer") in defaults:
+            values[name] = defaults[values["optimizer"]]
+    return values
+
+
 # --------------------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------------------
@@ -461,7 +604,10 @@ def field_help() -> dict[str, tuple[str, str]]:
             if other in names:
                 result[other] = (sections[name], _plain(description))
             else:  # "word: " inside a description: put it back
-                result[name] = (sections[name], f"{result[name][1]} {other}: {description}")
+                result[name] = (
+                    sections[name],
+                    f"{result[name][1]} {other}: {_plain(description)}",
+                )
     return result
 
 
@@ -499,6 +645,15 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         ),
         epilog=(
             f"example (offline, under a minute on a CPU):\n  {CLI_EXAMPLE}\n\n"
+            + textwrap.fill(
+                "To resume an interrupted run, run the same command again with the same "
+                "--workdir: it continues from the newest checkpoint (--checkpoint_every=N saves "
+                "one every N epochs) and prints where it resumes from. A finished run's results "
+                "are kept unless --overwrite. One trainer at a time may use a workdir (the lock "
+                "file WORKDIR/.sharpjax.lock names the trainer that holds it).",
+                width=80,
+            )
+            + "\n\n"
             + textwrap.fill(
                 "A user error (unknown option, bad value, dataset not prepared, incompatible "
                 "workdir) prints one message and exits with status 2; set "
@@ -591,10 +746,15 @@ def config_from_args(argv: Sequence[str], base: TrainConfig | None = None) -> Tr
     base = TrainConfig() if base is None else base
     hints = typing.get_type_hints(TrainConfig)
     argv = list(argv)
+    seen: set[str] = set()
     for token in argv:
         if token.startswith("--"):
+            key = token[2:].partition("=")[0].replace("-", "_")
             # Our message lists the fields, where argparse would only name the stranger.
-            _check_known({token[2:].partition("=")[0].replace("-", "_"): None})
+            _check_known({key: None})
+            if key in seen:  # argparse would keep the last one without a word
+                raise ValueError(f"--{key} is given more than once: give it once.")
+            seen.add(key)
     try:
         parsed = vars(build_parser(add_help=False).parse_args(argv))
     except _ArgumentError as e:
@@ -605,7 +765,9 @@ def config_from_args(argv: Sequence[str], base: TrainConfig | None = None) -> Tr
         hint = "Options are --key=value or --key value (see --help)."
         raise ValueError(f"{message}. {hint}") from None
     changes = {key: _convert(key, text, hints[key]) for key, text in parsed.items()}
-    return dataclasses.replace(base, **changes)
+    config = dataclasses.replace(base, **changes)
+    check_ignored_options(config, list(changes))
+    return config
 
 
 # --------------------------------------------------------------------------------------
@@ -645,7 +807,7 @@ def perturbation_microbatches(
     """
     from sharpjax.parallel import perturbation_microbatches as per_mode
 
-    if config.optimizer in BASE_OPTIMIZERS:
+    if config.optimizer in ONE_GRADIENT:
         return 1
     m = config.num_microbatches if config.optimizer == "msam" else 1
     return per_mode(config.perturbation_mode, num_devices, config.group_size, replica_devices) * m
@@ -670,6 +832,8 @@ def make_optimizer(
       the weight decay.
     * Base: ``sgd(schedule, momentum)`` after ``add_decayed_weights(weight_decay)``, or
       ``adamw(schedule, weight_decay=weight_decay)`` (decoupled, lr-scaled decay).
+    * ``momentum_sam``: ``add_decayed_weights(weight_decay)`` then
+      ``sharpjax.momentum_sam(schedule, momentum, rho)``, which is the base optimizer.
 
     The result is always an ``optax.GradientTransformationExtraArgs`` (a chain), so the loop
     can pass ``grad_fn`` to any optimizer; the plain ones ignore it. For ``msam`` the
@@ -747,6 +911,16 @@ def make_optimizer(
         )
     elif name == "esam":
         sharpness = sharpjax.esam(rho, gamma=1.0, seed=config.seed, cosine=cosine)
+    elif name == "momentum_sam" and micro:
+        raise ValueError(
+            "optimizer='momentum_sam' takes no micro-batches (one gradient per step, perturbed "
+            "along the shared momentum); use perturbation_mode='synced' on several devices."
+        )
+    elif name == "momentum_sam":  # it is the base optimizer: weight decay before it, at w̃
+        decay = optax.add_decayed_weights(config.weight_decay)
+        return optax.chain(
+            decay, sharpjax.momentum_sam(schedule, momentum=config.momentum, rho=rho)
+        )
     else:  # pragma: no cover - validate() rejects it first
         raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}.")
 
