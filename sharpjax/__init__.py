@@ -14,6 +14,7 @@ from sharpjax.core import (
     diagnostics,
     sharpness_aware,
 )
+from sharpjax.dropin import DropInState, drop_in
 from sharpjax.efficient import (
     adaptive_policy,
     ae_sam,
@@ -70,6 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CombinationRule",
+    "DropInState",
     "NoiseResistantState",
     "ParamGroups",
     "PerturbationRule",
@@ -80,6 +82,7 @@ __all__ = [
     "ae_sam_threshold",
     "asam",
     "diagnostics",
+    "drop_in",
     "esam",
     "every_k_steps",
     "friendly_perturbation",

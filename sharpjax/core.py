@@ -796,6 +796,34 @@ def _step_diagnostics(
     return {k: jnp.asarray(diag[k], jnp.float32) for k in setup.diagnostic_names}, seconds
 
 
+class AscentProbe(NamedTuple):
+    """What an update with ``drop_in_ascent=True`` returns as its state (for
+    :func:`sharpjax.drop_in`, which reads it and throws it away): this step's ``ε`` (zero
+    when the policy skips g₂ or ε is not finite) and the decision ``take``."""
+
+    eps: Any
+    take: jax.Array
+
+
+def _ascent(step: _Step, g: Any, p_state: Any, take: jax.Array) -> tuple[Any, AscentProbe]:
+    """The drop-in ascent: ``ε = perturb(g)`` as the update (it moves w to w + ε), nothing
+    else. The rule state is not moved here: the descent's update recomputes ε from the same
+    g and state, so that every state moves once per step."""
+    if step.setup.micro:
+        raise ValueError(
+            "sharpjax.drop_in does not take num_microbatches (each micro-batch has its own ε, "
+            "but the params can be moved to only one w + ε): use the grad_fn form of msam."
+        )
+    eps, _, diag = step.setup.perturbation.perturb(g, step.params, p_state, step.rho)
+    eps_norm = diag.get("perturbation_norm", None)
+    eps_norm = tree_norm(eps) if eps_norm is None else eps_norm
+    # A non-finite ε moves nothing: the descent's update sees it again and zeroes its output.
+    move = take & jnp.isfinite(eps_norm)
+    eps = jax.tree.map(lambda e: jnp.where(move, e, jnp.zeros_like(e)), eps)
+    eps = _as_params(eps, step.params)
+    return eps, AscentProbe(eps, take)
+
+
 def _initial_diagnostics(names: Sequence[str]) -> dict[str, jax.Array]:
     """NaN (never measured) for every value, 0 for the count of dropped second gradients."""
     nan = float("nan")
@@ -899,10 +927,10 @@ def sharpness_aware(
         consecutive devices). The final gradient is always averaged over ``axis_name``.
       group_size: devices per group in ``"grouped"`` mode; must divide the device count.
       cosine: whether the diagnostics carry ``cosine``, the cosine between ``g`` and ``g₂``
-        (the key is left out when not measured). It needs ``g`` alive through the second pass: free when the
-        combination reads ``g`` anyway (SANER, GSAM, LookSAM), one parameter copy of memory
-        otherwise (SAM's rule; measured with ``experiments/bench_memory.py``). Default None:
-        measured exactly when it is free.
+        (the key is left out when not measured). It needs ``g`` alive through the second
+        pass: free when the combination reads ``g`` anyway (SANER, GSAM, LookSAM), one
+        parameter copy of memory otherwise (SAM's rule; measured with
+        ``experiments/bench_memory.py``). Default None: measured exactly when it is free.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes these extra
@@ -996,7 +1024,9 @@ def sharpness_aware(
     def update_fn(
         updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
     ):
-        second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
+        # sharpjax.drop_in's first call of a step: ε alone, no second pass.
+        ascent = extra.pop("drop_in_ascent", False)
+        second_pass = None if ascent else _check_grad_fn(grad_fn, value_and_grad_fn)
         planned = _check_planned(extra.pop("second_gradient", None), policy)
         del extra
         _check_update_inputs(updates, params, m)
@@ -1023,6 +1053,8 @@ def sharpness_aware(
             axis_name=axis_name,
             planned=planned,
         )
+        if ascent:
+            return _ascent(step, g, state.perturbation_state, take)
         branches = (g, state.perturbation_state, state.combination_state)
         if policy is None or planned is not None:
             # No decision to take in the program: one branch, no lax.cond (a conv gradient
