@@ -18,11 +18,13 @@ EXPERIMENTS = os.path.join(
 )
 sys.path.insert(0, EXPERIMENTS)
 
-import benchmarks  # noqa: E402
 import common  # noqa: E402
 import label_noise  # noqa: E402
 import noisy_training  # noqa: E402
 import sharpness_generalization  # noqa: E402
+from benchmarks import harness, legacy  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks import steps as bench_steps  # noqa: E402
 
 
 def table_rows(markdown: str, section: str | None = None) -> list[list[str]]:
@@ -113,9 +115,7 @@ def test_runs_directory_is_ignored_by_git():
     assert ignored == 0, f"{probe} is not ignored by git"
 
 
-@pytest.mark.parametrize(
-    "module", ["label_noise", "noisy_training", "sharpness_generalization", "benchmarks"]
-)
+@pytest.mark.parametrize("module", ["label_noise", "noisy_training", "sharpness_generalization"])
 def test_every_config_key_has_help(module, capsys):
     script = sys.modules[module]
     for name, preset in script.PRESETS.items():
@@ -303,31 +303,66 @@ def test_sharpness_generalization_tiny(tmp_path):
     check_pngs(result["plots"], out)
 
 
-def test_benchmarks_wiring(tmp_path):
-    """Argument wiring only (the benchmarks themselves take minutes)."""
+def test_benchmarks_quick_run_json_and_tables(tmp_path):
+    """The harness at --quick on a tiny CNN (no timing assertions): the JSON format, the
+    per-round ratios recomputed from the stored window times, and the README table writer."""
+    import numpy as np
+
     out = str(tmp_path / "bench")
-    result = benchmarks.main(
-        ["--dry_run", "true", "--out", out, "--steps_args=--repeats 7 --only sam vasso"]
-    )
-    records = {r["name"]: r for r in result["records"]}
-    assert set(records) == {"steps", "measures", "parallel"}
-    cmd = benchmarks.command(result["config"], "steps")
-    assert cmd[1].endswith("bench_steps.py")
-    assert cmd[2:] == [
-        "--repeats",
-        "7",
-        "--only",
-        "sam",
-        "vasso",
-        "--out",
-        os.path.join(out, "steps.json"),
-    ]
-    assert benchmarks.command(result["config"], "parallel")[-2:] == [
-        "--out",
-        os.path.join(out, "parallel.json"),
-    ]
-    for record in records.values():
-        assert record["status"] in ("dry_run", "missing")
-    assert records["steps"]["status"] == "dry_run"
-    with pytest.raises(ValueError):
-        benchmarks.command(result["config"], "nope")
+    args = ["--quick", "--only", "steps", "--set", 'optimizers=["sgd"]', "--out", out]
+    result = bench_run.main([*args, "--tag", "t"])
+    path = os.path.join(out, "steps_t.json")
+    record = harness.read(path)
+    assert record == common.read_json(path)  # stored in the new format, read back unchanged
+    assert record["format"] == harness.FORMAT and record["benchmark"] == "steps"
+    assert record["config"]["rounds"] == 2 and record["config"]["models"] == ["tiny"]
+    machine = record["machine"]
+    assert machine["nproc"] == os.cpu_count() and len(machine["load_start"]) == 3
+    assert {"cpu", "jax", "device", "load_end", "load_rounds"} <= set(machine)
+    rows = {r["name"]: r for r in record["rows"]}
+    assert set(rows) == {"sgd", "sam"} and set(result["records"]) == {"steps"}
+    for row in rows.values():
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+        per_round = np.asarray(row["times_s"]) / np.asarray(rows["sgd"]["times_s"])
+        assert row["ratio"]["median"] == pytest.approx(np.median(per_round), rel=1e-5)
+        assert row["ratio"]["low"] <= row["ratio"]["median"] <= row["ratio"]["high"]
+    assert rows["sam"]["ratio_sam"]["median"] == 1.0
+    assert all_finite(record)
+
+    tables = bench_run.tables(out)
+    assert list(tables) == ["steps_t"]
+    cells = table_rows(tables["steps_t"])
+    assert cells[0] == ["optimizer", "/ SGD", "/ SAM"]
+    assert cells[1][0] == "sharpjax.sam" and cells[1][2] == "1.00 (1.00–1.00)"
+    assert "python" in tables["steps_t"] and "load" in tables["steps_t"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- table:steps_t -->\nold\n<!-- /table -->\n<!-- table:x -->\nkeep\n"
+                      "<!-- /table -->\n")  # fmt: skip
+    assert bench_run.write_readme(out, str(readme)) == ["steps_t"]
+    text = readme.read_text()
+    assert "old" not in text and "keep" in text and "| sharpjax.sam |" in text
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        bench_run.main(["--only", "nope"])
+
+
+def test_benchmarks_legacy_steps_json_converted():
+    """A former bench_steps.py JSON keeps its numbers as a record (ratios of medians)."""
+    old = {
+        "device": "cpu:0", "platform": "p", "cpu_count": 2, "batch_size": 256, "repeats": 10,
+        "window": 10, "load_average": [4.2, 4.3, 3.7], "planned_on_host": ["looksam"],
+        "median_seconds": {"sgd": 0.1, "sam": 0.2, "looksam": 0.12, "msam": 1.0},
+        "compile_seconds": {"sgd": 1.0, "sam": 2.0, "looksam": 3.0, "msam": 4.0},
+        "temp_bytes": {"sgd": 1, "sam": 2, "looksam": 3, "msam": 4},
+        "second_gradient_fraction": {"looksam": 0.2},
+        "ratio_to_sgd": {"sgd": 1.0, "sam": 2.0, "looksam": 1.2, "msam": 10.0},
+        "ratio_to_sam": {"sgd": 0.5, "sam": 1.0, "looksam": 0.6, "msam": 5.0},
+    }  # fmt: skip
+    record = legacy.convert("results/benchmarks/steps.json", old)
+    harness.check(record)
+    rows = {r["name"]: r for r in record["rows"]}
+    assert set(rows) == {"sgd", "sam", "looksam", "msam_m8"}
+    assert rows["looksam"]["ratio"]["median"] == 1.2 and rows["looksam"]["g2_share"] == 0.2
+    assert rows["msam_m8"]["median_s"] == 1.0 and record["machine"]["load_start"][0] == 4.2
+    cells = {r[0]: r[1:] for r in table_rows(bench_steps.table(record))}
+    assert cells["LookSAM (k = 5), decided on the host"] == ["1.20", "0.60", "20 %"]

@@ -20,29 +20,26 @@ steady state; steady state = median over ``--repeats`` interleaved rounds (one c
 method per round), so load on the shared machine hits all methods alike.
 
     pip install "matfree==0.6.*"   # not a sharpjax dependency: only this benchmark uses it
-    python experiments/bench_matfree.py --keys 3 --repeats 5 --out results/benchmarks/matfree.json
+    python -m experiments.benchmarks --only matfree --set keys=3 --repeats 5
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
+import functools
 import time
 from collections.abc import Callable
 from importlib.metadata import version
-from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from matfree import decomp, eig, stochtrace
 
+from benchmarks import harness
+from benchmarks.measures import eigenvalues_of
 from sharpjax import sharpness
 from sharpjax.models import MLP, LeNet
 from sharpjax.sharpness.curvature import Operator
@@ -82,6 +79,8 @@ def broadened(nodes, weights, grid, sigma):
 
 def methods(logits_fn, params, m: int) -> dict[str, Callable]:
     """name -> jitted ``f(params, key, x, y)``; each spends ``m`` matrix-vector products."""
+    from matfree import decomp, eig, stochtrace  # not a dependency: only this benchmark uses it
+
     ce = sharpness.SoftmaxCrossEntropy(logits_fn)
     flat0 = ravel_pytree(params)[0]
     d = flat0.size
@@ -95,8 +94,8 @@ def methods(logits_fn, params, m: int) -> dict[str, Callable]:
         return lambda v: Operator("ggn")(BatchLoss(ce, (x, y)), p, v[None])[0]
 
     out = {}
-    out["eig/sharpjax"] = lambda p, k, x, y: sharpness.top_eigenvalues(
-        lambda q: ce(q, (x, y)), p, k, K, m
+    out["eig/sharpjax"] = lambda p, k, x, y: eigenvalues_of(
+        sharpness.top_eigenvalues(lambda q: ce(q, (x, y)), p, k, K, m)
     )
 
     def eig_matfree(p, k, x, y):
@@ -186,12 +185,9 @@ def bench_network(name, model, x, y, args) -> dict:
                 t0 = time.perf_counter()
                 outs[nm] = [jax.block_until_ready(f(params, keys[0], x, y))]
                 compile_s[nm] = time.perf_counter() - t0
-            times = {nm: [] for nm in fns}
-            for _ in range(args.repeats):  # interleaved: one call of each per round
-                for nm, f in fns.items():
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(f(params, keys[0], x, y))
-                    times[nm].append(time.perf_counter() - t0)
+            calls = {nm: functools.partial(f, params, keys[0], x, y) for nm, f in fns.items()}
+            times, loads = harness.interleaved(calls, args.rounds, window=1, warmup=0)
+            LOADS.extend(loads)
             for nm, f in fns.items():
                 outs[nm] += [f(params, k, x, y) for k in keys[1:]]
             for nm in fns:
@@ -208,9 +204,13 @@ def bench_network(name, model, x, y, args) -> dict:
                     err = np.mean([abs(float(v) - exact[kind]) / abs(exact[kind]) for v in vals])
                 median = float(np.median(times[nm]))
                 rows[f"{name} {state} m={m} {nm}"] = {
+                    "model": name,
+                    "state": state,
+                    "budget": m,
+                    "method": nm,
                     "params": int(flat.size),
                     "error": float(err),
-                    "time_s": median,
+                    "median_s": median,
                     "compile_s": compile_s[nm] - median,
                 }
                 print(
@@ -221,30 +221,46 @@ def bench_network(name, model, x, y, args) -> dict:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--examples", type=int, default=256)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[40, 120])
-    ap.add_argument("--keys", type=int, default=5, help="seeds averaged for the errors")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--models", nargs="+", default=["mlp", "lenet"])
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+TITLE = "sharpjax's Lanczos, SLQ and trace estimators against matfree 0.6, same budget"
+DEFAULTS: dict[str, Any] = {
+    "examples": 256,
+    "budgets": [40, 120],
+    "keys": 5,  # seeds averaged for the errors
+    "rounds": 7,
+    "train_steps": 300,
+    "models": ["mlp", "lenet"],
+}
+QUICK: dict[str, Any] = {
+    "examples": 32,
+    "budgets": [8],
+    "keys": 1,
+    "rounds": 1,
+    "train_steps": 2,
+    "models": ["mlp"],
+}
+LOADS: list[float] = []
+
+
+def run(config: dict[str, Any]) -> harness.Record:
+    args = SimpleNamespace(**config)
+    record = harness.new_record("matfree", TITLE, config)
+    record["machine"]["matfree"] = version("matfree")
     x, y = digits(args.examples)
     nets = {
         "mlp": MLP(10, hidden_sizes=(32,)),
         "lenet": LeNet(10, features=(4, 8), hidden_sizes=(32,), kernel_size=3),
     }
-    rows = {}
+    LOADS.clear()
     for name in args.models:
-        rows.update(bench_network(name, nets[name], x, y, args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        arguments = {**vars(args), "out": str(args.out)}
-        meta = {"jax": jax.__version__, "matfree": version("matfree"), "args": arguments}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        for row_name, row in bench_network(name, nets[name], x, y, args).items():
+            record["rows"].append({"name": row_name, **row})
+    return harness.finish(record, LOADS)
 
 
-if __name__ == "__main__":
-    main()
+def table(record: harness.Record) -> str:
+    columns = [
+        ("network, state, budget, method", lambda r: r["name"]),
+        ("error", lambda r: f"{r['error']:.2e}"),
+        ("time", lambda r: f"{1e3 * r['median_s']:.2f} ms"),
+    ]
+    return harness.table(record["rows"], columns)

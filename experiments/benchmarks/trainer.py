@@ -21,26 +21,26 @@ fraction of time the device waits on the host: ``1 − t(data already on device)
 sent from host memory every step, double-buffered as the trainer does)``. The device name is
 recorded with every figure.
 
-    python experiments/bench_trainer.py --section cpu --out results/benchmarks/trainer.json
-    python experiments/bench_trainer.py --section gpu --out results/benchmarks/trainer_gpu.json
-    python experiments/bench_trainer.py --section precision --epochs 20
+    python -m experiments.benchmarks --only trainer
+    python -m experiments.benchmarks --only trainer --set section=gpu --tag gpu
+    python -m experiments.benchmarks --only trainer --set section=precision epochs=20 --tag bf16
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import harness
 from sharpjax import parallel
 from sharpjax.data import iterate_batches, load_dataset, prefetch_to_mesh
 from sharpjax.train import TrainConfig, train
@@ -262,37 +262,68 @@ def precision_section(args) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--section", choices=("cpu", "gpu", "all", "precision"), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3, help="precision: seeds per precision")
-    parser.add_argument("--dataset", default="mnist1d")
-    parser.add_argument("--model", default="cnn1d")
-    parser.add_argument("--model_kwargs", default="{}")
-    parser.add_argument("--optimizer", default="sam")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is dropped")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50, help="GPU: steps per timing")
-    parser.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if args.section in ("gpu", "all") and jax.devices()[0].platform == "cpu":
-        print("No GPU here: the GPU section needs one (it would time ResNet-18 on the CPU).")
-        if args.section == "gpu":
-            return
-    out = {"hardware": {"machine": platform.processor(), "cpus": os.cpu_count()}}
-    if args.section == "precision":
-        out["precision"] = precision_section(args)
-    if args.section in ("cpu", "all"):
-        out["cpu"] = cpu_section(args)
-    if args.section in ("gpu", "all") and jax.devices()[0].platform != "cpu":
-        out["gpu"] = gpu_section(args)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+TITLE = "The trainer against a hand-written loop (CPU), ResNet-18 images/s (GPU), bf16 accuracy"
+DEFAULTS: dict[str, Any] = {
+    "section": "cpu",  # cpu, gpu, all or precision
+    "seeds": 3,  # precision: seeds per precision
+    "dataset": "mnist1d",
+    "model": "cnn1d",
+    "model_kwargs": "{}",
+    "optimizer": "sam",
+    "batch_size": 128,
+    "epochs": 3,  # per run; the first is dropped
+    "repeats": 3,
+    "steps": 50,  # GPU: steps per timing
+    "gpu_batch_sizes": [128, 512],
+}
+QUICK: dict[str, Any] = {"epochs": 2, "repeats": 1, "model_kwargs": '{"features": [4]}'}
 
 
-if __name__ == "__main__":
-    main()
+def run(config: dict[str, Any]) -> harness.Record:
+    args = SimpleNamespace(**config)
+    record = harness.new_record("trainer", TITLE, config)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if config["section"] == "precision":
+        record["rows"].append({"name": "precision", **precision_section(args)})
+    if config["section"] in ("cpu", "all"):
+        record["rows"].append({"name": "cpu", **cpu_section(args)})
+    if config["section"] in ("gpu", "all"):
+        if on_cpu:
+            record["notes"].append("No GPU here: the GPU section needs one.")
+            print(record["notes"][-1])
+        else:
+            record["rows"] += [
+                {"name": f"gpu {r['batch_size']} {r['precision']}", **r}
+                for r in gpu_section(args)["rows"]
+            ]
+    return harness.finish(record)
+
+
+def table(record: harness.Record) -> str:
+    cpu = [r for r in record["rows"] if r["name"] == "cpu"]
+    gpu = [r for r in record["rows"] if r["name"].startswith("gpu")]
+    text = ""
+    if cpu:
+        text += harness.table(
+            cpu,
+            [
+                ("device", lambda r: r["device"]),
+                ("trainer examples/s", lambda r: f"{r['trainer_examples_per_s']:.0f}"),
+                ("hand loop examples/s", lambda r: f"{r['hand_loop_examples_per_s']:.0f}"),
+                ("trainer / hand loop", lambda r: f"{r['ratio_trainer_over_hand']:.3f}"),
+            ],
+        )
+    if gpu:
+        text += harness.table(
+            gpu,
+            [
+                ("device", lambda r: r["device"]),
+                ("batch", lambda r: r["batch_size"]),
+                ("precision", lambda r: r["precision"]),
+                ("SGD images/s", lambda r: f"{r['images_per_s_sgd']:.0f}"),
+                ("SAM images/s", lambda r: f"{r['images_per_s_sam']:.0f}"),
+                ("SAM / SGD", lambda r: f"{r['sam_over_sgd']:.3f}"),
+                ("host wait (SAM)", lambda r: f"{r['host_wait_fraction_sam']:.1%}"),
+            ],
+        )
+    return text
