@@ -2,18 +2,20 @@
 
     python docs/build_api.py [--out docs/api]
 
-Fails (exit 1) on every pdoc warning, and on every Sphinx-style cross-reference in a
-docstring (``:func:`name```, ``:class:``, ``:mod:``, ``:meth:``, ``:attr:``) that names
-nothing importable: looked up in the docstring's module (and class), then as an absolute
-dotted name. Two pdoc warnings are not ours and are ignored: pdoc cannot evaluate the string
-annotations of a ``NamedTuple``'s generated ``__init__`` (its globals are ``collections``'),
-while the fields themselves are documented correctly; nor ``optax.OptState`` (an alias of
-chex's ``ArrayTree``).
+Writes a landing page (``index.html``) that lists and links every public module. Fails (exit
+1) on every pdoc warning, on a module without a page, and on every Sphinx-style
+cross-reference in a docstring (``:func:`name```, ``:class:``, ``:mod:``, ``:meth:``,
+``:attr:``) that names nothing importable: looked up in the docstring's module (and class),
+then as an absolute dotted name. Two pdoc warnings are not ours and are ignored: pdoc cannot
+evaluate the string annotations of a ``NamedTuple``'s generated ``__init__`` (its globals are
+``collections``'), while the fields themselves are documented correctly; nor
+``optax.OptState`` (an alias of chex's ``ArrayTree``).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import importlib
 import pkgutil
 import re
@@ -66,6 +68,34 @@ def _walk(doc: pdoc.doc.Doc):
         yield from _walk(member)
 
 
+def _landing_page(modules: list[str], out: Path) -> list[str]:
+    """Writes ``index.html``: every public module, linked, with its docstring's first line
+    (pdoc's own index only redirects to ``sharpjax``, whose page lists what its ``__all__``
+    exports, two modules of them). Returns the modules whose page is missing."""
+    rows, missing = [], []
+    for name in modules:
+        page = name.replace(".", "/") + ".html"
+        if not (out / page).is_file():
+            missing.append(name)
+        doc = pdoc.doc.Module.from_name(name).docstring.strip()
+        summary = html.escape(doc.splitlines()[0] if doc else "")
+        summary = re.sub(r"``(.+?)``", r"<code>\1</code>", summary)
+        indent = "&emsp;" * (name.count(".") - 1) if "." in name else ""
+        rows.append(
+            f'<tr><td>{indent}<a href="{page}"><code>{name}</code></a></td><td>{summary}</td></tr>'
+        )
+    (out / "index.html").write_text(
+        "<!doctype html>\n<html>\n<head><meta charset='utf-8'><title>sharpjax API reference"
+        "</title>\n<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "td{padding:.2em .8em;vertical-align:top}</style></head>\n<body>\n"
+        "<h1>sharpjax API reference</h1>\n<p>Every public module, from the docstrings. "
+        'Search and the cross-links are on the module pages; start with <a href="sharpjax.html">'
+        "<code>sharpjax</code></a> (the optimizers) or <code>sharpjax.sharpness</code> "
+        "(the measures).</p>\n<table>\n" + "\n".join(rows) + "\n</table>\n</body>\n</html>\n"
+    )
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "api"), help="output folder")
@@ -102,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in caught:
         if not NOT_OURS.search(str(w.message)):
             problems.append(f"pdoc: {w.message}")
+    for name in _landing_page(modules, Path(args.out)):
+        problems.append(f"{name}: no page under {args.out} for the landing page to link")
     for line in sorted(set(problems)):
         print(line, file=sys.stderr)
     if problems:
