@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from scipy.special import erf
 
-from sharpjax.data import make_modular_addition, make_synthetic_cifar
+from sharpjax.data import load_dataset, make_modular_addition, make_synthetic_cifar
 from sharpjax.models import get_model
 from sharpjax.models import partitioning as part
 
@@ -176,6 +176,38 @@ def test_decoder_is_causal():
     np.testing.assert_array_equal(a[:, :3], b[:, :3])
     # Position 3 and every later one sees the change.
     assert all(np.abs(a[0, t] - b[0, t]).max() > 1e-3 for t in range(3, 6))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model", "options"),
+    [
+        ("digits", "vit_micro", None),
+        ("synthetic_cifar", "vit_micro", {"num_train": 20, "num_test": 10}),
+        ("modular_addition", "transformer_tiny", {"p": 7}),
+    ],
+)
+def test_models_read_the_offline_datasets(dataset, model, options):
+    # The dataset gives the rank the model reads (images NHWC, int tokens (N, T)), and the
+    # model maps it to num_classes float32 logits; traced only.
+    ds = load_dataset(dataset, options=options)
+    net = get_model(model, ds.num_classes)
+    x = ds.x_train[:2]
+    out = jax.eval_shape(lambda x: net.apply(net.init(jax.random.key(0), x), x), x)
+    assert out.shape == (2, ds.num_classes) and out.dtype == jnp.float32
+
+
+def test_decoder_refuses_float_inputs_and_long_sequences():
+    net = get_model("transformer_tiny", 7)
+    with pytest.raises(TypeError, match="int tokens"):
+        jax.eval_shape(net.init, jax.random.key(0), jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="max_len=64"):
+        jax.eval_shape(net.init, jax.random.key(0), jnp.ones((1, 65), jnp.int32))
+
+
+def test_vit_refuses_a_patch_that_does_not_divide_the_image():
+    net = get_model("vit_micro", 7, patch_size=3)
+    with pytest.raises(ValueError, match="patch_size=3 must divide the image sides 8x8"):
+        jax.eval_shape(net.init, jax.random.key(0), jnp.ones((1, 8, 8, 1)))
 
 
 def test_vit_gap_pooling_has_no_class_token():
