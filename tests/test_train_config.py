@@ -203,6 +203,20 @@ def test_momentum_sam_in_the_trainer_is_the_papers_equations():
     np.testing.assert_allclose(ravel_pytree(true)[0], w, rtol=1e-5, atol=2e-6)
 
 
+def test_the_trainer_with_momentum_sam_at_rho_0_is_sgd_with_momentum():
+    # ρ = 0 perturbs nothing: Momentum-SAM is then SGD with momentum (and the same decay).
+    from sharpjax.train import train
+
+    common = dict(dataset="digits", model="mlp", model_kwargs={"hidden_sizes": [16]}, epochs=2,
+                  batch_size=32, max_steps_per_epoch=3, progress=False)  # fmt: skip
+    msam = train(TrainConfig(**common, optimizer="momentum_sam", rho=0.0))
+    sgd = train(TrainConfig(**common, optimizer="sgd"))
+    assert {"velocity_norm", "rho"} <= set(msam.final)
+    # Two programs for the same 6 steps: float32 rounding (≲ 1e-7 per op) only.
+    for a, b in zip(jax.tree.leaves(msam.params), jax.tree.leaves(sgd.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
