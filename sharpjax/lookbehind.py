@@ -69,8 +69,10 @@ def lookbehind_sam(
     Cost, per update: k + 1 gradients (SAM: 2; k = 2: 1.5× SAM), computed one after another;
     the base optimizer steps k times, so its step count and schedules advance k per update
     (a learning-rate schedule must count k steps per Lookbehind step); memory: the ascent point,
-    the fast weights and the last gradient beside the params (about three parameter copies
-    more than SGD, one more than SAM).
+    the fast weights and the last gradient beside the params, and XLA keeps about one more
+    parameter copy per further ascent step (temporaries beyond SGD's step, XLA's
+    memory_analysis on a 2.6 M-parameter MLP: SAM 0.11, k = 1 0.26, k = 2 1.26, k = 5 4.26
+    parameter copies).
 
     Args:
       base_optimizer: the optimizer of the fast weights (``optax.sgd``, ``optax.adamw``, ...).
@@ -118,9 +120,13 @@ def lookbehind_sam(
         second_pass = _check_grad_fn(grad_fn, None)
         rho_t = evaluate(rho, state.count, 0.0)
         alpha_t = jnp.clip(alpha, 0.0, 1.0)
+        grad_norm = tree_norm(updates)  # now, so that g need not live through the loop
         g, ascent, fast = updates, params, params
         base_state, rule_state = state.base, state.perturbation
-        # Unrolled: k is small, and a gradient inside lax.scan is slow on XLA:CPU.
+        # Unrolled: k is small, and a gradient inside a loop is slow on XLA:CPU. The cost: XLA
+        # keeps about one more parameter copy per ascent step (memory_analysis of a 2.6 M
+        # parameter MLP: 0.26, 1.26, 4.26 copies beyond SGD for k = 1, 2, 5; in a fori_loop
+        # 2.05 for any k).
         for _ in range(k):
             eps, rule_state, _ = rule.perturb(g, ascent, rule_state, rho_t)
             ascent = tree_add(ascent, eps)
@@ -136,7 +142,7 @@ def lookbehind_sam(
         out = jax.tree.map(slow_step, fast, params)
         offset = jax.tree.map(lambda a, w: a - w, ascent, params)
         diag = {
-            "grad_norm": tree_norm(updates).astype(jnp.float32),
+            "grad_norm": grad_norm.astype(jnp.float32),
             "perturbation_norm": tree_norm(offset).astype(jnp.float32),
             "rho": jnp.asarray(rho_t, jnp.float32),
         }
