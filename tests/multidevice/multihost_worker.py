@@ -34,7 +34,9 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=60,
+        # The other process may still be importing jax on a busy machine: wait long. A peer
+        # that dies ends the test at once (the runner stops the other), a hang after 600 s.
+        initialization_timeout=3600,
     )
     assert jax.process_count() == num_processes and jax.local_device_count() == 2
     mesh = Mesh(np.array(jax.devices()), (AXIS,))
