@@ -17,7 +17,8 @@ and a test module runs it once, in a subprocess, through a fixture::
 No fixed wall-clock limit: a test must pass on a 2-core machine at any load, and a script that
 takes 40 s idle takes many minutes at load 30. A hang is told from slowness by CPU time: the
 processes are stopped only when together they have used no CPU time for ``STALL_S`` seconds
-(a busy machine still gives every runnable process a share; a deadlock uses none). The
+(a busy machine still gives every runnable process a share; a deadlock uses none; where
+``/proc`` cannot be read there is no such check). The
 environment variable ``SHARPJAX_TEST_TIMEOUT`` (seconds) adds a wall-clock limit for those
 who want one. This module imports neither jax nor numpy: the scripts import it first.
 """
@@ -135,9 +136,11 @@ def run_processes(commands: list[list[str]], env: dict, log_dir: Path) -> list[s
                 return [log.read_text(errors="replace") for log in logs]
             now = time.monotonic()
             for p in procs:
-                cpu = _cpu_seconds(p.pid) if p.poll() is None else None
-                if cpu is not None and cpu > seen.get(p.pid, -1.0):
-                    seen[p.pid], last_progress = cpu, now
+                if p.poll() is not None:
+                    continue
+                cpu = _cpu_seconds(p.pid)
+                if cpu is None or cpu > seen.get(p.pid, -1.0):  # None: cannot tell, no hang
+                    seen[p.pid], last_progress = cpu if cpu is not None else -1.0, now
             if now - last_progress > STALL_S:
                 raise ScriptError(
                     f"{_describe(commands[0])}: no process used any CPU time for {STALL_S:.0f} s "
