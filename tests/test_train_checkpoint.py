@@ -169,7 +169,9 @@ def _holder(workdir) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_trainer_is_refused_with_the_path_and_pid_of_the_first(tmp_path):
+def test_a_second_trainer_is_refused_with_the_path_and_pid_of_the_first(tmp_path, capsys):
+    from sharpjax.train.__main__ import main
+
     workdir = tmp_path / "run"
     first = _holder(workdir)
     lock = workdir / LOCK_FILE
@@ -178,6 +180,11 @@ def test_a_second_trainer_is_refused_with_the_path_and_pid_of_the_first(tmp_path
             prepare_workdir(config(workdir))
         assert str(lock) in str(err.value) and "wait for it to finish" in str(err.value)
         assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]  # nothing touched
+        # The command line: one line, exit status 2.
+        argv = ["--dataset=digits", "--model=mlp", f"--workdir={workdir}", "--progress=false"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {first.pid}" in err and err.count("\n") == 1
     finally:
         first.kill()  # SIGKILL: no clean-up, the lock file stays behind
         first.wait()
