@@ -29,7 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax.core import meta
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that is not `model` (each tensor-parallel group reads
@@ -57,6 +57,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Rules = Sequence[tuple[str, Any]]
+AnyMesh = Mesh | AbstractMesh
 
 
 def _is_box(x: Any) -> bool:
@@ -123,7 +124,7 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: dict[str, int]
     return PartitionSpec(*dims), dropped
 
 
-def _plan(tree: Any, mesh: Mesh | None, rules: Rules) -> tuple[Any, list[str]]:
+def _plan(tree: Any, mesh: AnyMesh | None, rules: Rules) -> tuple[Any, list[str]]:
     if mesh is not None:
         rules = rules_for_mesh(mesh.axis_names, rules)
     specs = nn.logical_to_mesh(logical_partition_specs(tree), list(rules))
@@ -151,21 +152,22 @@ def _plan(tree: Any, mesh: Mesh | None, rules: Rules) -> tuple[Any, list[str]]:
 
 
 def param_partition_specs(
-    tree: Any, mesh: Mesh | None = None, rules: Rules = LOGICAL_AXIS_RULES
+    tree: Any, mesh: AnyMesh | None = None, rules: Rules = LOGICAL_AXIS_RULES
 ) -> Any:
     """A mesh-axis ``PartitionSpec`` per leaf of a boxed params (or variables) tree.
 
     Args:
       tree: the output of ``model.init`` or ``jax.eval_shape(model.init, ...)`` (boxed).
-      mesh: when given, the rules are restricted to its axes (:func:`rules_for_mesh`) and a
-        dimension whose size its mesh axes do not divide is replicated instead
-        (:func:`undivided_dimensions` lists them); without a mesh, the rules' specs as they are.
+      mesh: a ``Mesh`` or ``AbstractMesh``. When given, the rules are restricted to its axes
+        (:func:`rules_for_mesh`) and a dimension whose size its mesh axes do not divide is
+        replicated instead (:func:`undivided_dimensions` lists them); without a mesh, the
+        rules' specs as they are.
       rules: logical → mesh axis rules.
     """
     return _plan(tree, mesh, rules)[0]
 
 
-def undivided_dimensions(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> list[str]:
+def undivided_dimensions(tree: Any, mesh: AnyMesh, rules: Rules = LOGICAL_AXIS_RULES) -> list[str]:
     """One line per parameter dimension that ``rules`` would split over ``mesh`` but whose size
     the mesh axes do not divide (so :func:`param_partition_specs` replicates it), e.g. ViT-Ti's
     3 heads on ``model=2``. Empty when everything divides."""
@@ -181,7 +183,7 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) ->
     )
 
 
-def batch_spec(mesh: Mesh, ndim: int = 1) -> PartitionSpec:
+def batch_spec(mesh: AnyMesh, ndim: int = 1) -> PartitionSpec:
     """The batch layout: leading dimension over the mesh's :data:`BATCH_AXES`, rest whole."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     lead = axes[0] if len(axes) == 1 else (axes or None)
