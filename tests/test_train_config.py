@@ -415,6 +415,21 @@ def test_cli_user_errors_print_one_line_and_exit_2(argv, message, capsys, monkey
     assert re.search(message, err) and "Traceback" not in err
 
 
+def test_cli_interrupted_says_how_to_resume(capsys, monkeypatch, tmp_path):
+    import sharpjax.train.__main__ as cli
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("SHARPJAX_TRACEBACK", raising=False)
+    monkeypatch.setattr(cli, "train", interrupted)
+    code, out, err = _run_cli(["--dataset=digits", "--model=mlp", f"--workdir={tmp_path}"], capsys)
+    assert code == 130 and out == "" and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "interrupted. To resume, run the same command" in err
+    code, _, err = _run_cli(["--dataset=digits", "--model=mlp"], capsys)
+    assert code == 130 and "Nothing was saved (no --workdir)" in err
+
+
 def test_cli_unprepared_dataset_exits_2_with_build_command(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SHARPJAX_TRACEBACK", raising=False)
     code, _, err = _run_cli(["--dataset=cifar10", f"--data_dir={tmp_path}"], capsys)

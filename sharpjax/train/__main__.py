@@ -60,6 +60,17 @@ def _main(argv: list[str]) -> int:
         result = train(config)
     except USER_ERRORS as e:
         return _fail(e)
+    except KeyboardInterrupt:
+        if os.environ.get("SHARPJAX_TRACEBACK"):
+            raise
+        saved = (
+            "To resume, run the same command again: it continues from the newest checkpoint "
+            "(--checkpoint_every=N saves one every N epochs)."
+            if config.workdir
+            else "Nothing was saved (no --workdir)."
+        )
+        print(f"\n{CLI_PROG}: interrupted. {saved}", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     print(json.dumps(result.final, indent=2))
     return 0
 
