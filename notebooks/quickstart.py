@@ -91,11 +91,12 @@ optimizers = {
 # ## A compact training loop
 #
 # The step is an ordinary optax step with one addition: `grad_fn`, the gradient of the
-# **same mini-batch** loss as a function of the parameters. The transformation calls it
-# once, at `w + ε`. A plain optax optimizer ignores the extra argument, so the same step
-# function trains SGD too. The whole step is jitted; the diagnostics are small float32
-# scalars in the optimizer state, returned from the step so that the host reads them
-# once at the end.
+# **same mini-batch** loss as a function of the parameters (here `value_and_grad_fn`, the
+# loss and the gradient, and `loss`, the clean loss, so that the diagnostics also report
+# the losses at `w` and `w + ε`). The transformation calls it once, at `w + ε`. A plain
+# optax optimizer ignores the extra arguments, so the same step function trains SGD too.
+# The whole step is jitted; the diagnostics are small float32 scalars in the optimizer
+# state, returned from the step so that the host reads them once at the end.
 
 
 # %%
@@ -108,8 +109,12 @@ def make_step(tx):
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)  # clean gradient at w
-        grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)  # called once, at w + ε
-        updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+        # called once, at w + ε; the loss there gives the diagnostics `sharpness` (or pass
+        # grad_fn=lambda p: jax.grad(loss_fn)(p, x, y) alone: no loss diagnostics then)
+        value_and_grad_fn = lambda p: jax.value_and_grad(loss_fn)(p, x, y)
+        updates, opt_state = tx.update(
+            grads, opt_state, params, value_and_grad_fn=value_and_grad_fn, loss=loss
+        )
         params = optax.apply_updates(params, updates)  # the step starts from w
         logs = {"loss": loss, "clean_grad_norm": optax.global_norm(grads)}
         return params, opt_state, {**logs, **sharpjax.diagnostics(opt_state)}
@@ -152,8 +157,10 @@ for name, tx in optimizers.items():
 #
 # Every sharpjax transformation stores the last step's diagnostics in its state:
 # `grad_norm` (‖g‖), `perturbation_norm` (‖ε‖, equal to ρ here), `second_grad_norm`
-# (‖g₂‖), `cosine` (between `g` and `g₂`) and `rho`, plus those of the variant: SANER's
-# `masked_fraction` (the fraction of coordinates it down-weights) and `alpha`.
+# (‖g₂‖), `cosine` (between `g` and `g₂`), `rho`, the losses `loss` (at `w`) and
+# `perturbed_loss` (at `w + ε`) and their difference `sharpness`, plus those of the
+# variant: SANER's `masked_fraction` (the fraction of coordinates it down-weights) and
+# `alpha`.
 
 # %%
 {k: float(v) for k, v in sharpjax.diagnostics(results["SANER"]["opt_state"]).items()}
