@@ -163,8 +163,10 @@ class TrainConfig:
       model_kwargs: extra keyword arguments of ``get_model`` (e.g. ``{"hidden_sizes": [64]}``).
       mixed_precision: compute in bfloat16; params, optimizer state and loss stay float32.
 
-    Optimizer (see :func:`make_optimizer`; an option the chosen optimizer does not read is
-    an error when set, :data:`OPTIMIZER_OPTIONS`):
+    Optimizer (see :func:`make_optimizer`). An option the chosen optimizer does not read
+    (:data:`OPTIMIZER_OPTIONS`) is an error when set: on the command line any option given,
+    from Python ``rho``, ``alpha`` and a ``perturbation_mode`` other than synced (a grid over
+    optimizers passes its other shared options, at their values, to every run):
       optimizer: one of :data:`OPTIMIZERS`. ``momentum_sam`` is Momentum-SAM
         (:func:`sharpjax.momentum_sam`), which replaces SGD: one gradient per step, at the
         params perturbed by ``-rho`` along the momentum; the trainer holds (and evaluates,
