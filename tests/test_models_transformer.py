@@ -16,6 +16,7 @@ from scipy.special import erf
 from sharpjax.data import load_dataset, make_modular_addition, make_synthetic_cifar
 from sharpjax.models import get_model
 from sharpjax.models import partitioning as part
+from sharpjax.models.vit import PatchEmbed
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -148,21 +149,19 @@ def test_decoder_forward_equals_numpy_reference_at_every_position():
 
 @pytest.mark.parametrize(("shape", "patch"), [((2, 8, 8, 1), 2), ((2, 32, 32, 3), 4)])
 def test_patch_embedding_is_reshape_and_matmul(shape, patch):
-    # Default patch sizes: 2 for 8x8 digits, 4 for 32x32 CIFAR.
     model = get_model("vit_micro", 10, **VIT)
     x = jax.random.normal(jax.random.key(2), shape)
-    variables = jittered(jax.eval_shape(model.init, jax.random.key(0), x))
-    _, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True))(variables, x)
-    (got,) = state["intermediates"]["patch_embed"]["__call__"]
-    kernel = np.asarray(variables["params"]["patch_embed"]["kernel"], np.float64)
-    assert kernel.shape == (patch, patch, shape[-1], VIT["width"])
+    params = jittered(jax.eval_shape(model.init, jax.random.key(0), x))["params"]["patch_embed"]
+    # The ViT's default patch for the image: 2 for 8x8 digits, 4 for 32x32 CIFAR.
+    assert params["kernel"].shape == (patch, patch, shape[-1], VIT["width"])
+    got = jax.jit(PatchEmbed(VIT["width"], patch).apply)({"params": params}, x)
     patches = np_patches(np.asarray(x, np.float64), patch)
-    w = kernel.reshape(-1, VIT["width"])
-    ref = patches @ w + np.asarray(variables["params"]["patch_embed"]["bias"])
-    got = np.asarray(got, np.float64).reshape(ref.shape)
+    w = np.asarray(params["kernel"], np.float64).reshape(-1, VIT["width"])
+    ref = patches @ w + np.asarray(params["bias"])
+    assert got.shape == ref.shape  # (B, patches in row-major order, width)
     # A K-term float32 dot product errs by at most K eps sum|a_i b_i| (plus the bias add).
     bound = (patches.shape[-1] + 1) * EPS32 * (np.abs(patches) @ np.abs(w) + 1)
-    assert np.all(np.abs(got - ref) <= bound)
+    assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= bound)
 
 
 def test_decoder_is_causal():

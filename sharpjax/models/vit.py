@@ -58,6 +58,48 @@ def auto_patch_size(side: int) -> int:
     return 16 if side >= 128 else 4 if side >= 16 else 2
 
 
+class PatchEmbed(nn.Module):
+    """Images ``(B, H, W, C)`` → tokens ``(B, H/p · W/p, width)``, patches in row-major order.
+
+    A ``p × p`` conv with stride ``p`` and no padding: one linear map of each non-overlapping
+    patch's ``p·p·C`` pixels (kernel ``(p, p, C, width)``, flattened in (row, column, channel)
+    order) plus a bias.
+
+    Attributes:
+      width: token width (``embed``).
+      patch_size: ``p``; must divide both image sides (checked by :class:`ViT`).
+      dtype: computation dtype.
+      param_dtype: parameter dtype.
+    """
+
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.lecun_normal(), "patch_h", "patch_w", "channels", "embed"),
+            (p, p, x.shape[-1], self.width),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", partitioned(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype
+        )
+        y = jax.lax.conv_general_dilated(
+            jnp.asarray(x, self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(p, p),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = y + bias.astype(self.dtype)
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2], self.width)
+
+
 class ViT(nn.Module):
     """Vision Transformer with a class token (or global average pooling) and pre-LN blocks.
 
@@ -103,22 +145,8 @@ class ViT(nn.Module):
                 f"model_kwargs patch_size= a common divisor of {height} and {width}."
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = jnp.asarray(x, self.dtype)
-        # A stride-`patch` VALID conv is the per-patch linear map (patch*patch*C → width).
-        x = nn.Conv(
-            self.width,
-            (patch, patch),
-            strides=(patch, patch),
-            padding="VALID",
-            kernel_init=partitioned(
-                nn.initializers.lecun_normal(), "patch_h", "patch_w", "channels", "embed"
-            ),
-            bias_init=partitioned(nn.initializers.zeros, "embed"),
-            name="patch_embed",
-            **kw,
-        )(x)
-        b, gh, gw, _ = x.shape
-        x = x.reshape(b, gh * gw, self.width)
+        x = PatchEmbed(self.width, patch, name="patch_embed", **kw)(x)
+        b = x.shape[0]
         if self.pool == "cls":
             cls = self.param(
                 "cls_token", partitioned(nn.initializers.zeros, "embed"), (self.width,)
