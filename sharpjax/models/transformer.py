@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
-# Xavier-uniform kernels and zero biases, as in the ViT reference code (big_vision) and
-# GPT-2-style decoders; position embeddings N(0, 0.02²) as in ViT/BERT.
+# Xavier-uniform kernels and zero biases, as in the ViT reference code (big_vision), for both
+# models; token and position embeddings N(0, 0.02²) as in ViT, BERT and GPT-2.
 kernel_init = nn.initializers.xavier_uniform()
 embed_init = nn.initializers.normal(stddev=0.02)
 zeros = nn.initializers.zeros
