@@ -1218,7 +1218,9 @@ def _param_spec(
                 f"logical axis to one of {mesh.axis_names} (or None) in the rules."
             )
         size = math.prod(mesh.shape[a] for a in axes)
-        if shape[i] % size:
+        if size == 1:  # e.g. `mlp` → model on a mesh with model=1: the dimension is free
+            dims[i] = None
+        elif shape[i] % size:
             dims[i] = None
             unsplit = f"dim {i} ({shape[i]}) not divisible by {'×'.join(axes)}={size}"
     fsdp = mesh.shape.get(FSDP, 1)
