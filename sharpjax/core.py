@@ -504,11 +504,27 @@ def _check_planned(planned: Any, policy: SecondGradientPolicy | None) -> bool | 
     return None if planned is None else bool(planned)
 
 
-def _check_update_inputs(updates: Any, params: Any, m: int | None) -> None:
+def _check_update_inputs(
+    updates: Any, params: Any, m: int | None, policy: SecondGradientPolicy | None = None
+) -> None:
     """Clear errors for the params and the clean gradients ``updates`` of ``tx.update``."""
     if params is None:
         raise ValueError("sharpjax transformations need params: tx.update(g, state, params).")
     check_float_params(params)
+    if updates is None:  # m-sharpness at SAM's memory: the clean gradients come from grad_fn
+        if m is None:
+            raise ValueError(
+                "updates=None (the clean gradients computed inside the step, one micro-batch "
+                "at a time) needs num_microbatches; without it pass the clean gradient: "
+                "tx.update(grads, state, params, grad_fn=grad_fn)."
+            )
+        if policy is not None:
+            raise ValueError(
+                "updates=None does not take a SecondGradientPolicy (its decision needs the "
+                "clean gradients before the step): pass the stacked clean gradients instead "
+                "(sharpjax.microbatch_value_and_grad)."
+            )
+        return
     if m is None:
         _check_same_structure("updates", params, updates, _UPDATES_HINT)
     else:
@@ -540,8 +556,10 @@ def _check_count(argument: str, value: int) -> None:
 # call it alone; the update of `sharpness_aware` is the page that calls them in order:
 #
 #     take            = _decide(...)                             the efficient variants
-#     out, states, …  = _with_second(...)  if take  else  _without_second(...)
+#     out, states, …  = _take_or_skip(...): _with_second(...) if take else _without_second(...)
 #                       └ _single | _vmapped | _scanned, each calling _perturb_and_combine
+#                     | _microbatches_from_grad_fn(...)          updates=None (lean mSAM)
+#                     | _ascent(...)                             sharpjax.drop_in's ascent
 #     diagnostics     = _step_diagnostics(...)
 #     out, state      = _guard(...)                              the non-finite guard
 # --------------------------------------------------------------------------------------
@@ -718,6 +736,44 @@ def _scanned(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     return out, p_state, c_state, _micro_mean(diag), jnp.all(finite, axis=0)
 
 
+def _microbatches_from_grad_fn(
+    step: _Step, p_state: Any, c_state: Any, with_loss: bool
+) -> tuple[Any, Any, Any, dict[str, jax.Array], jax.Array, jax.Array | None]:
+    """m-sharpness without the stacked clean gradients (``updates=None``): micro-batch j's
+    clean ``(L_j(w), g_j) = second_pass(w, j)`` is taken where it is used.
+
+    ``"sequential"``: inside the scan body, so that one micro-batch's g, ε and g₂ are alive at
+    a time (SAM's memory whatever m). ``"parallel"``: the m clean gradients at once under
+    ``vmap``, then :func:`_vmapped`. Returns :func:`_scanned`'s tuple and the mean clean loss
+    (None without ``with_loss``).
+    """
+    setup, params = step.setup, step.params
+    m = setup.num_microbatches
+
+    def clean(j):
+        loss, g = step.second_pass(params, j)
+        _check_same_structure("grad_fn(params, j)", params, g)
+        loss = jnp.float32(jnp.nan) if loss is None else jnp.asarray(loss, jnp.float32)
+        return loss, g
+
+    if setup.microbatch_execution == "parallel":
+        losses, g = jax.vmap(clean)(jnp.arange(m))
+        return (*_vmapped(step, g, p_state, c_state), jnp.mean(losses) if with_loss else None)
+
+    def body(total, inputs):
+        p_state, c_state, j = inputs
+        loss, g = clean(j)
+        out, p_state, c_state, diag, finite = _perturb_and_combine(step, g, p_state, c_state, j)
+        return tree_add(total, out), (p_state, c_state, diag, finite, loss)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    inputs = (p_state, c_state, jnp.arange(m))
+    total, (p_state, c_state, diag, finite, losses) = jax.lax.scan(body, zeros, inputs)
+    out = tree_scale(total, 1.0 / m)
+    clean_loss = jnp.mean(losses) if with_loss else None
+    return out, p_state, c_state, _micro_mean(diag), jnp.all(finite, axis=0), clean_loss
+
+
 def _with_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     """A step that takes g₂, in the execution form the setup asks for."""
     setup = step.setup
@@ -745,6 +801,21 @@ def _without_second(step: _Step, g: Any, p_state: Any, c_state: Any) -> tuple:
     diag.update(c_diag, grad_norm=grad_norm)
     finite = jnp.stack([tree_all_finite(g), jnp.bool_(True)])
     return _as_params(out, step.params), p_state, c_state, _f32(diag), finite
+
+
+def _take_or_skip(
+    step: _Step, take: jax.Array, planned: bool | None, g: Any, p_state: Any, c_state: Any
+) -> tuple:
+    """:func:`_with_second` or :func:`_without_second` as the decision says: one branch when
+    it is known before the step (no policy, or ``planned``), else under ``lax.cond``."""
+    if step.setup.policy is None or planned is not None:
+        # No decision to take in the program: one branch, no lax.cond (a conv gradient
+        # under lax.cond is many times slower on XLA:CPU: experiments/bench_cond.py).
+        branch = _with_second if planned is None or planned else _without_second
+        return branch(step, g, p_state, c_state)
+    with_second = functools.partial(_with_second, step)
+    without_second = functools.partial(_without_second, step)
+    return jax.lax.cond(take, with_second, without_second, g, p_state, c_state)
 
 
 def _step_diagnostics(
@@ -909,6 +980,9 @@ def sharpness_aware(
         returns the gradient on micro-batch ``j`` (an int32 scalar, possibly traced), each
         micro-batch gets its own ε and rule state, and the output is the mean over
         micro-batches (the params' shape). With ``axis_name``, only ``"per_device"`` mode.
+        ``updates=None`` instead of the stacked gradients: the clean ``g_j`` is
+        ``grad_fn(params, j)`` too, taken inside the step one micro-batch at a time (SAM's
+        memory plus one accumulator whatever m; no policy; see :func:`sharpjax.msam`).
       microbatch_execution: how the m second passes run. ``"sequential"`` (default): one
         after another under ``lax.scan``, summing the outputs: the memory of one micro-batch
         and a compile time that does not grow with m. ``"parallel"``: all at once under
@@ -1029,7 +1103,9 @@ def sharpness_aware(
         second_pass = None if ascent else _check_grad_fn(grad_fn, value_and_grad_fn)
         planned = _check_planned(extra.pop("second_gradient", None), policy)
         del extra
-        _check_update_inputs(updates, params, m)
+        _check_update_inputs(updates, params, m, policy)
+        if ascent and updates is None:
+            raise ValueError("sharpjax.drop_in needs the clean gradient as updates, not None.")
         groups = None
         if axis_name is not None:
             groups = _axis_groups(axis_name, perturbation_mode, group_size)
@@ -1042,32 +1118,30 @@ def sharpness_aware(
             state.diagnostics,
             groups,
         )
-        g = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
-
-        take, policy_state, policy_diag = _decide(
-            policy,
-            g,
-            state.policy_state,
-            step.count,
-            micro=micro,
-            axis_name=axis_name,
-            planned=planned,
-        )
-        if ascent:
-            return _ascent(step, g, state.perturbation_state, take)
-        branches = (g, state.perturbation_state, state.combination_state)
-        if policy is None or planned is not None:
-            # No decision to take in the program: one branch, no lax.cond (a conv gradient
-            # under lax.cond is many times slower on XLA:CPU: experiments/bench_cond.py).
-            branch = _with_second if planned is None or planned else _without_second
-            out, p_state, c_state, diag, finite = branch(step, *branches)
-        else:
-            out, p_state, c_state, diag, finite = jax.lax.cond(
-                take,
-                functools.partial(_with_second, step),
-                functools.partial(_without_second, step),
-                *branches,
+        if updates is None:  # m-sharpness at SAM's memory (no policy: checked above)
+            out, p_state, c_state, diag, finite, clean_loss = _microbatches_from_grad_fn(
+                step,
+                state.perturbation_state,
+                state.combination_state,
+                with_loss=value_and_grad_fn is not None,
             )
+            loss = clean_loss if loss is None else loss
+            take, policy_state, policy_diag = jnp.bool_(True), state.policy_state, {}
+        else:
+            g = _group_mean(updates, axis_name, groups) if axis_name is not None else updates
+            take, policy_state, policy_diag = _decide(
+                policy,
+                g,
+                state.policy_state,
+                step.count,
+                micro=micro,
+                axis_name=axis_name,
+                planned=planned,
+            )
+            if ascent:
+                return _ascent(step, g, state.perturbation_state, take)
+            branches = (g, state.perturbation_state, state.combination_state)
+            out, p_state, c_state, diag, finite = _take_or_skip(step, take, planned, *branches)
 
         if axis_name is not None:
             # Synced without micro-batches: g and g₂ are already all-device means, so `out` is
