@@ -209,6 +209,28 @@ def test_vit_refuses_a_patch_that_does_not_divide_the_image():
         jax.eval_shape(net.init, jax.random.key(0), jnp.ones((1, 8, 8, 1)))
 
 
+def test_dropout_only_in_train_mode():
+    tokens = jnp.array([[1, 2, 3, 7], [4, 5, 6, 7]], jnp.int32)
+    one_block = {**DEC, "depth": 1}
+    plain = get_model("transformer_tiny", 7, **one_block)
+    drop = get_model("transformer_tiny", 7, **one_block, dropout_rate=0.5)
+    variables = jittered(jax.eval_shape(plain.init, jax.random.key(0), tokens))
+
+    @jax.jit
+    def run(v, t):
+        rng = lambda i: {"dropout": jax.random.key(i)}
+        return (
+            plain.apply(v, t),
+            drop.apply(v, t, train=False),
+            drop.apply(v, t, train=True, rngs=rng(1)),
+            drop.apply(v, t, train=True, rngs=rng(2)),
+        )
+
+    reference, evaluated, train1, train2 = map(np.asarray, run(variables, tokens))
+    np.testing.assert_array_equal(evaluated, reference)  # eval: dropout is the identity
+    assert np.abs(train1 - train2).max() > 1e-3 and np.abs(train1 - reference).max() > 1e-3
+
+
 def test_vit_gap_pooling_has_no_class_token():
     model = get_model("vit_micro", 4, **VIT, pool="gap")
     x = jnp.ones((2, 8, 8, 1))
