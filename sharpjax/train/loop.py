@@ -299,7 +299,10 @@ def make_train_step(
     and without the second gradient, chosen on the host before each step); AE-SAM, whose
     decision needs this step's ‖g‖², runs the step's two halves as programs of their own (the
     clean gradient and the decision, then the update with or without the second gradient).
-    Elsewhere: one program with the ``lax.cond``.
+    Elsewhere: one program with the ``lax.cond``. Neither path is free everywhere: deciding on
+    the host reads the device state before every step (no asynchronous dispatch across steps),
+    measured at 1.6-3.5x the ``lax.cond`` step's time for a 3 ms MLP step on CPU, while a conv
+    under ``lax.cond`` is many times slower on XLA:CPU.
     """
     layout = layout or state_layout(model, tx, mesh)
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
@@ -779,9 +782,9 @@ def setup(
         checkpointer=None,
         stopping=config.stop_after_epochs is not None and config.stop_after_epochs < config.epochs,
     )
+    _announce(run)
     if workdir:
         _open_workdir(run, resuming)
-    _announce(run)
     return run
 
 
