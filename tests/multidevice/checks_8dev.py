@@ -28,6 +28,7 @@ from sharpjax import parallel
 from sharpjax.parallel import TrainState
 from tests.multidevice.common import (
     RHO,
+    diff,
     flat,
     full_batch_reference,
     init_params,
@@ -40,10 +41,6 @@ from tests.multidevice.common import (
 
 N, STEPS, BATCH = 8, 5, 32
 AXIS = "batch"
-
-
-def diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 def host_first(tree):

@@ -57,8 +57,15 @@ def sgd() -> optax.GradientTransformation:
 
 
 def flat(tree) -> np.ndarray:
-    """All leaves, raveled and concatenated on the host (ravel_pytree's order)."""
-    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
+    """All leaves, raveled and concatenated on the host (ravel_pytree's order); empty: []."""
+    leaves = [np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)]
+    return np.concatenate(leaves) if leaves else np.zeros(0, np.float32)
+
+
+def diff(a, b) -> float:
+    """The largest absolute difference (float64, broadcast); 0 for empty arrays."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
 def full_batch_reference(sharp_tx, params, batches, loss=mlp_loss) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from sharpjax.data import Dataset, load_dataset
 from sharpjax.train import TrainConfig, train
+from tests.multidevice.common import diff, flat
 
 N = 8
 
@@ -38,18 +39,6 @@ class BNNet(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(nn.Dense(16)(x)))
         return nn.Dense(self.num_classes)(x)
-
-
-def flat(tree) -> np.ndarray:
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return np.zeros(0, np.float32)
-    return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
-
-
-def diff(a, b) -> float:
-    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
-    return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
 def history_diff(a, b, key: str) -> float:
