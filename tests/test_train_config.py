@@ -162,6 +162,8 @@ def test_make_optimizer_every_name(name):
         assert sharpjax.diagnostics(state) == {}
     elif name == "momentum_sam":  # one gradient: no g₂ to compare with
         assert {"velocity_norm", "rho"} <= set(sharpjax.diagnostics(state))
+    elif name == "lookbehind_sam":  # k ascent gradients, no single g₂ to compare g with
+        assert {"grad_norm", "perturbation_norm", "rho"} <= set(sharpjax.diagnostics(state))
     else:
         assert "cosine" in sharpjax.diagnostics(state)
 
@@ -401,6 +403,7 @@ def test_help_example_is_an_offline_config():
         (["foo"], "unrecognized arguments: foo"),
         (["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
         (["--overwrite", "--overwrite=false"], "--overwrite is given more than once"),
+        (["--checkpoint_every=5"], "--checkpoint_every=5 is ignored without --workdir=DIR"),
         (["--model=mlp", '--model_kwargs={"width": 2}'], r"model_kwargs has \['width'\], which"),
         (["--optimizer=sam", "--perturbation_mode=grouped"], "'grouped' needs group_size"),
     ],

@@ -511,14 +511,25 @@ def option(name: str, value: Any = True) -> str:
     return f"--{name}={str(text).lower() if isinstance(value, bool) else text}"
 
 
+# The options that act on a workdir only: without one they would be dropped without a word.
+WORKDIR_OPTIONS = ("checkpoint_every", "max_checkpoints", "stop_after_epochs", "overwrite")
+
+
 def check_ignored_options(config: TrainConfig, given: Sequence[str]) -> None:
-    """Raises a ValueError naming each option in ``given`` that ``config.optimizer`` ignores.
+    """Raises a ValueError naming each option in ``given`` that ``config.optimizer`` ignores
+    (and, for the command line, each workdir option given without a workdir).
 
     ``given``: the fields the user set (the command line's options; for a Python caller, the
     ones whose default is None). An option left at its default is never an error.
     """
     problems = []
     for name in given:
+        if name in WORKDIR_OPTIONS and config.workdir is None and OPTION_STYLE.get() == "cli":
+            problems.append(
+                f"{option(name, getattr(config, name))} is ignored without "
+                f"{option('workdir', 'DIR')}: nothing is saved without one; add a workdir or "
+                "remove it"
+            )
         if name in OPTIMIZER_OPTIONS and not OPTIMIZER_OPTIONS[name][1](config):
             what, reads = OPTIMIZER_OPTIONS[name]
             users = [
@@ -532,10 +543,11 @@ def check_ignored_options(config: TrainConfig, given: Sequence[str]) -> None:
                 readers = f"every optimizer but {', '.join(others)}"
             problems.append(
                 f"{option(name, getattr(config, name))} is ignored by "
-                f"{option('optimizer', config.optimizer)}: {name} is {what}, read by {readers}"
+                f"{option('optimizer', config.optimizer)}: {name} is {what}, read by {readers}; "
+                "remove it or choose an optimizer that reads it"
             )
     if problems:
-        raise ValueError("; ".join(problems) + ". Remove it, or choose an optimizer that reads it.")
+        raise ValueError("; ".join(problems) + ".")
 
 
 def resolved_config(config: TrainConfig, **changes: Any) -> TrainConfig:
