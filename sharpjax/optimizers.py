@@ -21,7 +21,7 @@ The diagnostics' ``cosine`` (between ``g`` and ``g₂``) keeps ``g`` alive throu
 pass. SANER and GSAM read ``g`` anyway and always report it; the constructors whose output is
 ``g₂`` itself (``sam``, ``asam``, ``vasso``, ``msam``, ``noise_resistant_sam`` and the
 efficient ``random_sam``, ``ae_sam``, ``esam``) report it only with ``cosine=True``, at one
-parameter copy of memory, and report NaN otherwise, so that the default step needs no more
+parameter copy of memory, and leave the key out otherwise, so that the default step needs no more
 memory than a hand-written SAM step.
 """
 
