@@ -53,7 +53,19 @@ NAMES = {
     "ae_sam": "AE-SAM",
     "saner_random_sam": "SANER on RST",
     "esam": "ESAM (SWP)",
+    "fsam": "F-SAM",
+    "wsam": "WSAM",
+    "sam_on": "SAM-ON",
+    "late_phase_sam": "late-phase SAM",
+    "sampa": "SAMPa",
+    "lookbehind_sam": "Lookbehind-SAM",
 }
+# Gradients per step beyond one that the second_gradient diagnostic does not show: Lookbehind
+# takes k = 2 gradients after the clean one (sharpjax.train.config.make_optimizer).
+EXTRA_GRADIENTS = {"lookbehind_sam": 2.0}
+# The recent rules (issue 20), run with `--optimizers sgd sam fsam wsam late_phase_sam sampa
+# lookbehind_sam`; SAM-ON needs normalisation layers, which the default CNN1D does not have.
+RECENT = ["fsam", "wsam", "late_phase_sam", "sampa", "lookbehind_sam"]
 # The runs keep, besides the label-noise experiment's history, the two cost measures' inputs.
 label_noise.HISTORY_KEYS = (*label_noise.HISTORY_KEYS, "second_gradient", "train_time")
 
@@ -102,6 +114,8 @@ def _fraction(run: dict[str, Any]) -> float:
     values = [h.get("second_gradient") for h in run["history"]]
     if run["optimizer"] in ("sgd", "adamw"):
         return 0.0
+    if run["optimizer"] in EXTRA_GRADIENTS:
+        return EXTRA_GRADIENTS[run["optimizer"]]
     if any(v is None for v in values):
         return 1.0
     return float(np.mean(values))  # every epoch has the same number of steps

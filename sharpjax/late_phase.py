@@ -66,6 +66,7 @@ def late_phase_sam(
     axis_name: str | None = None,
     perturbation_mode: str = "per_device",
     group_size: int | None = None,
+    cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Late-phase SAM (Zhou et al., ICLR 2025): the base optimizer on the steps before
     ``⌊start_fraction · total_steps⌋``, SAM (``ε = ρ g/‖g‖``, output ``∇L(w + ε)``) from then on.
@@ -87,4 +88,5 @@ def late_phase_sam(
         axis_name=axis_name,
         perturbation_mode=perturbation_mode,
         group_size=group_size,
+        cosine=cosine or None,  # False: still measured where it is free
     )

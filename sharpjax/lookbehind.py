@@ -113,11 +113,13 @@ def lookbehind_sam(
             diagnostics={name: jnp.zeros([], jnp.float32) for name in names},
         )
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
-        del extra
+    def update_fn(
+        updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
+    ):
+        del loss, extra  # the clean loss and a planned decision (a policy's) are not used
         if params is None:
             raise ValueError("lookbehind_sam needs params: tx.update(g, state, params, ...).")
-        second_pass = _check_grad_fn(grad_fn, None)
+        second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
         rho_t = evaluate(rho, state.count, 0.0)
         alpha_t = jnp.clip(alpha, 0.0, 1.0)
         grad_norm = tree_norm(updates)  # now, so that g need not live through the loop

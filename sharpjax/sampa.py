@@ -30,6 +30,7 @@ from sharpjax.core import (
     compute_dtype,
     evaluate,
     tree_norm,
+    tree_vdot,
 )
 
 __all__ = ["SampaState", "sampa"]
@@ -79,7 +80,8 @@ def sampa(
 
     Defaults: λ = 0.2 (the paper's SAMPa-0.2), ρ = 0.05 (SAM's; tune as for SAM). λ = 0 is
     plain SAMPa; ρ = 0 with λ = 0 is the base optimizer. Diagnostics: ``grad_norm`` (‖∇f(y_t)‖),
-    ``second_grad_norm`` (‖∇f(x̃_t)‖), ``y_grad_norm`` (‖∇f(y_{t+1})‖), ``rho``.
+    ``second_grad_norm`` (‖∇f(x̃_t)‖), ``y_grad_norm`` (‖∇f(y_{t+1})‖), ``cosine`` (between
+    ∇f(y_t) and ∇f(x̃_t), free: both are alive), ``rho``.
     """
     check_scalar_or_schedule("learning_rate", learning_rate, 0.0)
     check_scalar_or_schedule("rho", rho, 0.0)
@@ -88,7 +90,7 @@ def sampa(
     check_scalar_or_schedule("lam", lam, 0.0, 1.0)
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}.")
-    names = ("grad_norm", "second_grad_norm", "y_grad_norm", "rho")
+    names = ("grad_norm", "second_grad_norm", "y_grad_norm", "cosine", "rho")
 
     def init_fn(params):
         check_float_params(params)
@@ -99,11 +101,13 @@ def sampa(
             diagnostics={name: jnp.zeros([], jnp.float32) for name in names},
         )
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
-        del extra
+    def update_fn(
+        updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None, loss=None, **extra
+    ):
+        del loss, extra  # the clean loss and a planned decision (a policy's) are not used
         if params is None:
             raise ValueError("sampa needs params: tx.update(g, state, params, grad_fn=...).")
-        second_pass = _check_grad_fn(grad_fn, None)
+        second_pass = _check_grad_fn(grad_fn, value_and_grad_fn)
 
         def gradient(p):
             g = second_pass(p)[1]
@@ -133,9 +137,12 @@ def sampa(
         out = jax.tree.map(
             lambda a, b, u: ((1.0 - lam) * a + lam * b).astype(u.dtype), g_tilde, g_y, updates
         )
+        g_tilde_norm = tree_norm(g_tilde)
         diag = {
             "grad_norm": y_norm,
-            "second_grad_norm": tree_norm(g_tilde),
+            "second_grad_norm": g_tilde_norm,
+            # SAM's cosine between the gradient that set ε and the one taken at w + ε
+            "cosine": tree_vdot(y_grad, g_tilde) / (y_norm * g_tilde_norm + NORM_EPS),
             "y_grad_norm": tree_norm(g_y),
             "rho": rho_t,
         }

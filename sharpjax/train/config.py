@@ -36,7 +36,7 @@ import sharpjax
 # The efficient variants whose policy decides before the step (every k steps, a random draw),
 # and the one that decides from the step's clean gradient: on CPU the trainer runs them without
 # lax.cond, as programs chosen on the host (sharpjax.train.loop.make_train_step).
-DECIDED_AHEAD = ("looksam", "random_sam", "saner_random_sam")
+DECIDED_AHEAD = ("looksam", "random_sam", "saner_random_sam", "late_phase_sam")
 DECIDED_FROM_GRADIENT = ("ae_sam",)
 OPTIMIZERS = (
     "sgd",
@@ -57,6 +57,14 @@ OPTIMIZERS = (
     "ae_sam",
     "saner_random_sam",
     "esam",
+    # recent rules (docs/algorithms.md "Recent rules"), each with its paper's defaults;
+    # lookbehind_sam replaces the base optimizer (its fast weights step with it, k = 2 times
+    # per step).
+    "fsam",
+    "wsam",
+    "late_phase_sam",
+    "sampa",
+    "lookbehind_sam",
     # Momentum-SAM replaces the base optimizer (it owns the momentum): one gradient per step,
     # at the params perturbed against the momentum; the loop holds those perturbed params.
     "momentum_sam",
@@ -64,6 +72,8 @@ OPTIMIZERS = (
 BASE_OPTIMIZERS = ("sgd", "adamw")
 # The optimizers that take no ε of their own per batch: no perturbation micro-batches.
 ONE_GRADIENT = (*BASE_OPTIMIZERS, "momentum_sam")
+# The recent rules that are whole optimizers or keep their own gradients: no micro-batches.
+NO_MICROBATCHES = ("sampa", "lookbehind_sam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 NOISE_KINDS = ("none", "symmetric", "asymmetric")
 PERTURBATION_MODES = ("synced", "per_device", "grouped")
@@ -84,6 +94,11 @@ DEFAULT_RHO = {
     "ae_sam": 0.05,
     "saner_random_sam": 0.1,
     "esam": 0.05,
+    "fsam": 0.05,
+    "wsam": 0.05,
+    "late_phase_sam": 0.05,
+    "sampa": 0.05,
+    "lookbehind_sam": 0.05,
     "momentum_sam": 0.3,
 }
 # SANER's multiplier on masked elements (paper: 0.5); GSAM's α (paper: 0.01 to 0.3).
@@ -99,7 +114,7 @@ DEFAULT_ALPHA = {
 SHARPNESS_AWARE = tuple(name for name in OPTIMIZERS if name not in BASE_OPTIMIZERS)
 # The methods that report the cosine between g and g₂ only when measure_cosine is set.
 COSINE_OPTIONAL = ("sam", "asam", "vasso", "msam", "noise_resistant_sam", "random_sam",
-                   "saner_random_sam", "ae_sam", "esam")  # fmt: skip
+                   "saner_random_sam", "ae_sam", "esam", "fsam", "late_phase_sam")  # fmt: skip
 # The options only some optimizers read: {field: (what it is, does optimizer X read it)}. A
 # run must not silently drop an option its user asked for (``--optimizer=sgd --rho=0.1``), so
 # setting one the chosen optimizer ignores is an error (:func:`check_ignored_options`).
@@ -925,6 +940,31 @@ def make_optimizer(
         )
     elif name == "esam":
         sharpness = sharpjax.esam(rho, gamma=1.0, seed=config.seed, cosine=cosine)
+    elif name == "fsam":
+        sharpness = sharpjax.fsam(rho, **micro, cosine=cosine)
+    elif name == "wsam":  # coupled (the objective's gradient), γ = 0.9
+        sharpness = sharpjax.wsam(rho, **micro)
+    elif name == "late_phase_sam":  # SAM on the last 1/8 of the run (25 of 200 epochs)
+        total = config.epochs * steps_per_epoch
+        sharpness = sharpjax.late_phase_sam(total, rho, **micro, cosine=cosine)
+    elif name in NO_MICROBATCHES and micro:
+        raise ValueError(
+            f"optimizer={name!r} takes no micro-batches (num_microbatches > 1 or several "
+            "perturbations per step); use perturbation_mode='synced' on several devices."
+        )
+    elif name == "sampa":  # y_{t+1} = w_t − η_t ∇f(y_t) with the base optimizer's schedule
+        sharpness = sharpjax.sampa(schedule, rho)
+    elif name == "lookbehind_sam":  # the base optimizer steps k = 2 times per step
+        k = 2
+        fast_schedule = lambda count: schedule(count // k)
+        if config.base_optimizer == "adamw":
+            fast = optax.adamw(fast_schedule, weight_decay=config.weight_decay)
+        else:
+            fast = optax.chain(
+                optax.add_decayed_weights(config.weight_decay),
+                optax.sgd(fast_schedule, momentum=config.momentum or None),
+            )
+        return optax.chain(sharpjax.lookbehind_sam(fast, rho, k=k, alpha=0.5))
     elif name == "momentum_sam" and micro:
         raise ValueError(
             "optimizer='momentum_sam' takes no micro-batches (one gradient per step, perturbed "
