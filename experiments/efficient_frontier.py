@@ -53,12 +53,6 @@ NAMES = {
     "ae_sam": "AE-SAM",
     "saner_random_sam": "SANER on RST",
     "esam": "ESAM (SWP)",
-    "fsam": "F-SAM",
-    "wsam": "WSAM",
-    "sam_on": "SAM-ON",
-    "late_phase_sam": "late-phase SAM",
-    "sampa": "SAMPa",
-    "lookbehind_sam": "Lookbehind-SAM",
 }
 # Gradients per step beyond one that the second_gradient diagnostic does not show: Lookbehind
 # takes k = 2 gradients after the clean one (sharpjax.train.config.make_optimizer).

@@ -69,6 +69,11 @@ NAMES = {
     "gsam": "GSAM",
     "asam": "ASAM",
     "msam": "mSAM",
+    "fsam": "F-SAM",
+    "wsam": "WSAM",
+    "late_phase_sam": "late-phase SAM",
+    "sampa": "SAMPa",
+    "lookbehind_sam": "Lookbehind-SAM",
 }
 # History keys kept in the per-run JSON (the library's metrics, see sharpjax.train.metrics).
 HISTORY_KEYS = (
@@ -196,6 +201,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 10,
         "progress": True,
         "out": None,
+    },
+    # The recent rules (issue 20; docs/algorithms.md "Recent rules") beside the default grid,
+    # under 40 % symmetric noise: the runs of experiments/efficient_frontier.py's
+    # `--optimizers sgd sam fsam wsam late_phase_sam sampa lookbehind_sam` (same setup).
+    "recent": {
+        **DEFAULT,
+        "extra_optimizers": ["fsam", "wsam", "late_phase_sam", "sampa", "lookbehind_sam"],
+        "extra_noise": ["symmetric:0.4"],
     },
     "tiny": {
         **DEFAULT,
