@@ -24,6 +24,10 @@ The step starts from ``w``, not from ``w + ε``, exactly as in the plain optax l
 
 from __future__ import annotations
 
+from sharpjax._extras import require_train_extra
+
+require_train_extra("sharpjax.flax_utils", ("flax",))
+
 import dataclasses
 from typing import Any
 

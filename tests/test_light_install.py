@@ -61,6 +61,17 @@ trace = sharpjax.sharpness.hessian_trace(loss, params, jax.random.key(0), num_sa
 print(float(trace.value), sharpjax.diagnostics(state)["grad_norm"])
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & BLOCKED)
 assert not loaded, loaded
+
+# the training stack says what to install instead of a bare "No module named 'flax'"
+import importlib
+
+for name in ("sharpjax.train", "sharpjax.models", "sharpjax.flax_utils"):
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        assert name in str(err) and 'pip install "sharpjax[train]"' in str(err), err
+    else:
+        raise AssertionError(f"{{name}} imported without the train extra")
 """
 
 

@@ -16,6 +16,10 @@ and plain arrays (``partitioning.unbox``). ``apply`` takes boxed or plain params
 
 from __future__ import annotations
 
+from sharpjax._extras import require_train_extra
+
+require_train_extra("sharpjax.models", ("flax",))
+
 from typing import Any
 
 import flax.linen as nn

@@ -10,6 +10,10 @@ Example::
 From the command line: ``config = config_from_args(sys.argv[1:])``.
 """
 
+from sharpjax._extras import require_train_extra
+
+require_train_extra("sharpjax.train", ("flax", "orbax.checkpoint"))
+
 from sharpjax.train.config import (
     OPTIMIZERS,
     TrainConfig,
