@@ -31,8 +31,10 @@ def stacked_update(tx, params, state, batch, m):
     return tx.update(g, state, params, grad_fn=grad_fn, loss=losses)
 
 
-@pytest.mark.parametrize("execution", ["sequential", "parallel"])
-@pytest.mark.parametrize("name", ["sam", "vasso", "saner"])
+@pytest.mark.parametrize(
+    "name, execution",
+    [("sam", "sequential"), ("sam", "parallel"), ("vasso", "sequential"), ("saner", "parallel")],
+)
 def test_updates_none_equals_the_stacked_form(name, execution):
     make = {
         "sam": lambda: sharpjax.msam(RHO, M, microbatch_execution=execution),
