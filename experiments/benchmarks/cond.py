@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "window": 5,
     "warmup": 1,
     "hlo": False,
+    "variants": None,  # None: all; "plain" always runs (the reference)
 }
 QUICK: dict[str, Any] = {"models": ["tiny"], "rounds": 2, "window": 1, "warmup": 1}
 LABELS = {
@@ -117,6 +118,8 @@ def run(config: dict[str, Any]) -> harness.Record:
         x, y = p.batches[0]
         steps, extra = {}, {}
         for name, (fn, take) in variants(p.loss).items():
+            if config["variants"] and name not in set(config["variants"]) | {"plain"}:
+                continue
             take = jnp.asarray(take)
             exe, seconds, _ = harness.compile_seconds(jax.jit(fn), p.params, take, x, y)
             steps[name] = functools.partial(exe, p.params, take, x, y)

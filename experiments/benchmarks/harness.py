@@ -34,6 +34,7 @@ import datetime
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -93,10 +94,10 @@ def command_line() -> str:
     """The command that is running, as a user would type it from the repository root."""
     argv = list(sys.argv)
     if argv and argv[0].endswith(os.path.join("benchmarks", "__main__.py")):
-        return " ".join(["python -m experiments.benchmarks", *argv[1:]])
+        return "python -m experiments.benchmarks " + shlex.join(argv[1:])
     if argv and argv[0].endswith(".py"):
         argv[0] = os.path.relpath(argv[0], REPO_ROOT)
-    return " ".join(["python", *argv])
+    return "python " + shlex.join(argv)
 
 
 def finish(record: Record, rounds_load: Sequence[float] | None = None) -> Record:
@@ -296,18 +297,24 @@ def load_note(record: Record) -> str:
         span = f"{rounds['min']:.1f}–{rounds['max']:.1f}"
     else:
         ends = [m[k][0] for k in ("load_start", "load_end") if m.get(k)]
-        span = "–".join(f"{v:.1f}" for v in sorted(set(ends))) if ends else "?"
+        span = "–".join(f"{v:.1f}" for v in sorted(set(ends))) if ends else None
     when = f", {m['time_utc']} UTC" if m.get("time_utc") else ""
     jax_version = f", JAX {m['jax']}" if m.get("jax") else ""
-    return f"load {span} on {m.get('nproc', '?')} cores{when}{jax_version}"
+    cores = f"{m.get('nproc', '?')} cores"
+    load_text = f"load {span} on {cores}" if span else f"{cores}, load not recorded"
+    return f"{load_text}{when}{jax_version}"
 
 
 def caption(record: Record, path: str | None = None) -> str:
     """The line under a README table: command, machine load and the JSON it came from."""
     source = f"; [{os.path.relpath(path, REPO_ROOT)}]({os.path.relpath(path, REPO_ROOT)})"
-    return f"`{record['command']}`: {load_note(record)}{source if path else ''}" + (
-        " (converted from an older script's JSON)" if record.get("converted_from") else ""
+    models = record.get("models") or {}
+    described = "; ".join(
+        f"{name}: {info['description']}" for name, info in models.items() if "description" in info
     )
+    converted = " (converted from a former script's JSON)" if record.get("converted_from") else ""
+    text = f"`{record['command']}`: {load_note(record)}{source if path else ''}{converted}"
+    return text + (f". {described}." if described else "")
 
 
 MARKER = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)

@@ -316,19 +316,29 @@ def run(config: dict[str, Any]) -> harness.Record:
 
 def table(record: harness.Record, model: str | None = None) -> str:
     """The README's step-time table: per optimizer, ratio to SGD and to SAM, g₂ share; one
-    ratio column pair per model when the record holds several."""
+    ratio column pair per model when the record holds several. ``record["superseded"]``
+    (name -> note) strikes the rows that a later run did not reproduce."""
     models = [model] if model else list(dict.fromkeys(r.get("model", "") for r in record["rows"]))
     by_model = {
         m: {r["name"]: r for r in record["rows"] if r.get("model", "") == m} for m in models
     }
     names = list(dict.fromkeys(r["name"] for r in record["rows"] if r.get("model", "") in models))
     names = [n for n in names if n != "sgd"]
-    columns = [("optimizer", lambda n: label(n))]
+    # Rows a later run contradicted: struck through, with where to read the new numbers.
+    superseded = record.get("superseded", {})
+
+    def cell(n, m, key):
+        text = harness.ratio_cell(by_model[m].get(n, {}), key)
+        return f"~~{text}~~" if text and n in superseded else text
+
+    columns = [
+        ("optimizer", lambda n: label(n) + (f" ({superseded[n]})" if n in superseded else ""))
+    ]
     for m in models:
         tag = f" ({m})" if len(models) > 1 else ""
         columns += [
-            (f"/ SGD{tag}", lambda n, m=m: harness.ratio_cell(by_model[m].get(n, {}))),
-            (f"/ SAM{tag}", lambda n, m=m: harness.ratio_cell(by_model[m].get(n, {}), "ratio_sam")),
+            (f"/ SGD{tag}", lambda n, m=m: cell(n, m, "ratio")),
+            (f"/ SAM{tag}", lambda n, m=m: cell(n, m, "ratio_sam")),
         ]
     share = lambda n: next(
         (
