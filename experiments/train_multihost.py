@@ -13,8 +13,10 @@ Everything after ``--`` is a ``python -m sharpjax.train`` override (a ``TrainCon
 ``jax.distributed.initialize`` joins the processes; the trainer then builds its mesh over
 ``jax.devices()``, every device of every host, shards each global batch of ``batch_size``
 examples over it (each process gathers only its ``batch_size / num_processes`` rows) and keeps
-params and optimizer state replicated. Checkpoints and metrics files are written by process 0
-only when ``--workdir`` is given to it alone; give every process the same ``--seed``.
+params and optimizer state replicated, or split as ``--mesh`` says (``--mesh=fsdp=4`` on 2 hosts
+of 2 devices: every parameter split over both hosts). Checkpoints and metrics files are written
+by process 0 only when ``--workdir`` is given to it alone; give every process the same
+``--seed``.
 
 Without ``--coordinator`` (or with ``--num-processes 1``) it is a plain single-process run.
 On Cloud TPU, SLURM or Open MPI pass ``--auto`` instead: ``jax.distributed.initialize()`` then
@@ -85,7 +87,11 @@ def main(argv: list[str]) -> None:
     )
     result = train(config)
     if args.out:
-        flat = [np.asarray(x).ravel() for x in jax.tree.leaves(result.params)]
+        from jax.experimental import multihost_utils
+
+        # Params split over hosts (--mesh with fsdp spanning them) are gathered whole first.
+        whole = multihost_utils.process_allgather(result.params, tiled=True)
+        flat = [np.asarray(x).ravel() for x in jax.tree.leaves(whole)]
         np.savez(
             args.out.format(process_id=jax.process_index()),
             params=np.concatenate(flat),

@@ -70,7 +70,9 @@ def test_bad_device_input_is_a_clear_error(eight):
     assert "group_size=3 must be a positive divisor of the 8 devices" in eight["bad_group_size"]
 
 
-def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> list[dict]:
+def _run_multihost(
+    tmp_path, num_processes: int, devices_per_process: int, mesh: str | None = None
+) -> list[dict]:
     port = free_port()
     overrides = [
         "--dataset=digits",
@@ -82,6 +84,7 @@ def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> li
         "--max_steps_per_epoch=3",
         "--learning_rate=0.05",
         "--progress=false",
+        *([f"--mesh={mesh}"] if mesh else []),
     ]
     out = str(tmp_path / f"p{num_processes}_{{process_id}}.npz")
     commands = [
@@ -108,9 +111,11 @@ def _run_multihost(tmp_path, num_processes: int, devices_per_process: int) -> li
     return [dict(np.load(out.format(process_id=i))) for i in range(num_processes)]
 
 
-def test_trainer_on_2_processes_equals_1_process_with_as_many_devices(tmp_path):
-    two = _run_multihost(tmp_path, 2, 2)
-    one = _run_multihost(tmp_path, 1, 4)
+# None: params replicated; fsdp=4: every parameter split over the devices of both hosts.
+@pytest.mark.parametrize("mesh", [None, "fsdp=4"])
+def test_trainer_on_2_processes_equals_1_process_with_as_many_devices(tmp_path, mesh):
+    two = _run_multihost(tmp_path, 2, 2, mesh)
+    one = _run_multihost(tmp_path, 1, 4, mesh)
     assert int(two[0]["device_count"]) == 4 and int(one[0]["device_count"]) == 4
     # Replicated on both processes, but each runs its own compiled program (XLA promises no
     # bit-identity across processes) and the 1-process run sums in another order: rounding.
