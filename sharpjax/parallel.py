@@ -14,13 +14,16 @@ optimizer's diagnostics in its metrics. ``sharpjax.train`` runs exactly this fun
 
 Three ways to run it on N devices:
 
-* :func:`make_sharded_train_step` (the trainer's way): plain ``jax.jit`` over a
-  :func:`make_mesh`, the global batch sharded on its leading axis (GSPMD), params and
-  optimizer state replicated, no ``axis_name``. Synced mode is then literally one device's
-  program on the global batch; per-device and grouped modes are m-sharpness with one
-  micro-batch per device or per group (:func:`perturbation_microbatches`). This is the
-  simplest design that gives every mode: no cast to "varying", BatchNorm over the global batch
-  for free, the same random draws as on one device, the same code on one host or many.
+* :func:`make_sharded_train_step` (the trainer's way): plain ``jax.jit`` (GSPMD) over a
+  :func:`make_train_mesh` ``data × fsdp × model``: the global batch split over ``data ×
+  fsdp``, the params and every copy of them in the optimizer and rule state split over
+  ``fsdp`` (ZeRO-3, :func:`param_shardings`) and ``model`` (flax logical annotations), or all
+  replicated (all devices on ``data``); no ``axis_name``. Synced mode is then literally one
+  device's program on the global batch, GSPMD inserting the gathers and reductions;
+  per-device and grouped modes are m-sharpness with one micro-batch per replica or per group
+  (:func:`perturbation_microbatches`). This is the simplest design that gives every mode: no
+  cast to "varying", BatchNorm over the global batch for free, the same random draws as on
+  one device, the same code on one host or many.
 * :func:`make_pmap_train_step`: ``jax.pmap`` over the local devices; the state is replicated
   with a leading device axis (:func:`replicate`), the batch has shape ``(devices, B/devices, ...)``.
 * :func:`make_shard_map_train_step`: ``jax.jit`` of ``jax.shard_map`` over a
