@@ -346,6 +346,17 @@ def test_benchmarks_quick_run_json_and_tables(tmp_path):
         bench_run.main(["--only", "nope"])
 
 
+def test_readme_benchmark_tables_are_the_stored_json():
+    """Every README table between benchmark markers is what --tables makes of its JSON."""
+    readme = read_text(os.path.join(common.REPO_ROOT, "README.md"))
+    tables = bench_run.tables(harness.RESULTS)
+    text, done = harness.replace_tables(readme, tables)
+    assert done, "no <!-- table:NAME --> markers in README.md"
+    assert text == readme, (
+        "README tables differ: run python -m experiments.benchmarks --tables --write-readme"
+    )
+
+
 def test_benchmarks_legacy_steps_json_converted():
     """A former bench_steps.py JSON keeps its numbers as a record (ratios of medians)."""
     old = {
