@@ -46,6 +46,7 @@ QUICK: dict[str, Any] = {
     "models": ["vit_s_2blocks"],
     "meshes": ["data=8", "fsdp=8"],
     "optimizers": ["sgd", "sam"],
+    "tag": "quick",
 }
 # name → (model, abstract input of the whole batch, number of classes)
 MODELS = {
