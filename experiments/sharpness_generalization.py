@@ -230,7 +230,7 @@ def compute_measures(
     )
     out = {
         "trace": float(layer.trace),
-        "top_eigenvalue": float(top[0]),
+        "top_eigenvalue": float(top.value[0]),
         "adaptive_sharpness": float(adaptive.value),
         "min_sharpness_layer": float(layer.value),
         "min_sharpness_node": float(node.value),

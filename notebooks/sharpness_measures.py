@@ -111,8 +111,9 @@ def loss(params):
 
 
 key = jax.random.key(0)
-top = sharpness.top_eigenvalues(loss, params, key, k=5, num_iterations=50)
-grid, density = sharpness.spectral_density(loss, params, key, num_iterations=80)
+top = sharpness.top_eigenvalues(loss, params, key, k=5, num_iterations=50).value
+sd = sharpness.spectral_density(loss, params, key, num_iterations=80)
+grid, density = sd.grid, sd.density
 print("top 5 eigenvalues:", np.round(np.asarray(top), 3))
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -217,7 +218,7 @@ columns = ["max|Δlogits|", "λ_max", "trace", "MinSharp layer", "MinSharp node"
 print(f"{'':20s}", *(f"{c:>14s}" for c in columns))
 for name, p in networks.items():
     gap = float(jnp.max(jnp.abs(logits_fn(p, x) - reference)))
-    lam = float(sharpness.top_eigenvalues(loss, p, key, k=5, num_iterations=50)[0])
+    lam = float(sharpness.top_eigenvalues(loss, p, key, k=5, num_iterations=50).value[0])
     layer = sharpness.minimum_sharpness(logits_fn, p, batch, granularity="layer")
     node = sharpness.minimum_sharpness(logits_fn, p, batch, granularity="node")
     values = [float(layer.trace), float(layer.value), float(node.value)]
@@ -262,10 +263,10 @@ data = [(x, y)]
 for curvature in ("hessian", "ggn", "fisher"):
     values = sharpness.top_eigenvalues(
         ce, params, key, k=3, num_iterations=40, curvature=curvature, batches=data
-    )
+    ).value
     print(f"{curvature:8s} top 3: {np.round(np.asarray(values), 3)}")
 per_layer = sharpness.top_eigenvalues(loss, params, key, k=1, num_iterations=40, per_layer=True)
-print("per-layer top eigenvalue:", {k: round(float(v[0]), 3) for k, v in per_layer.items()})
+print("per-layer top eigenvalue:", {k: round(float(v.value[0]), 3) for k, v in per_layer.items()})
 
 # %% [markdown]
 # ## Loss landscapes of SGD and SAM

@@ -108,7 +108,7 @@ def test_eigenvalues_trace_and_density_of_ggn_and_fisher(mlp, curvature):
     C = mlp.G if curvature == "ggn" else mlp.F
     net, d = mlp.net, C.shape[0]
     kw = dict(curvature=curvature, batches=mlp.batches)
-    values = sharpness.top_eigenvalues(mlp.loss, net.params, jax.random.key(0), 3, d, **kw)
+    values = sharpness.top_eigenvalues(mlp.loss, net.params, jax.random.key(0), 3, d, **kw).value
     expected = np.linalg.eigvalsh(C)[::-1][:3]
     np.testing.assert_allclose(values, expected, rtol=1e-7)
     # Hutch++ is exact once its sketch (num_samples // 3 columns) spans the space.
@@ -119,7 +119,7 @@ def test_eigenvalues_trace_and_density_of_ggn_and_fisher(mlp, curvature):
     # of the same net (so a Hessian product in their place would fail here).
     assert np.linalg.eigvalsh(mlp.H)[0] < -1e-3 * expected[0]
     sigma = 1e-3 * expected[0]
-    grid, density = sharpness.spectral_density(
+    grid, density, *_ = sharpness.spectral_density(
         mlp.loss, net.params, jax.random.key(2), d, sigma=sigma, num_points=4000, **kw
     )
     np.testing.assert_allclose(grid[-1] - 6 * sigma, expected[0], rtol=1e-6)
@@ -151,7 +151,7 @@ def test_per_layer_eigenvalues_and_trace_match_dense_blocks(mlp):
     assert set(values) == set(traces) == set(blocks)
     for name, s in blocks.items():
         block = H[s, s]
-        eig, vec = values[name]
+        eig, vec = values[name].value, values[name].eigenvectors
         np.testing.assert_allclose(eig, np.linalg.eigvalsh(block)[::-1][:2], rtol=1e-7)
         assert jax.tree.structure(vec) == jax.tree.structure(net.params[name])
         V = np.concatenate([np.asarray(a).reshape(2, -1) for a in jax.tree.leaves(vec)], 1)
@@ -185,7 +185,8 @@ def test_ggn_and_fisher_quadratic_forms_under_jit_in_float32():
     # probes, float32, jitted, against the same rows computed one probe at a time.
     from sklearn.datasets import load_digits
 
-    from sharpjax.sharpness._batches import BatchLoss, _on_batch_jit
+    from sharpjax.sharpness import _batches
+    from sharpjax.sharpness._batches import BatchLoss
     from sharpjax.sharpness.curvature import Operator
 
     previous = jax.config.jax_enable_x64
@@ -203,13 +204,15 @@ def test_ggn_and_fisher_quadratic_forms_under_jit_in_float32():
         ce = sharpness.SoftmaxCrossEntropy(logits_fn)
         for _ in range(50):  # a partly trained net: confident, unequal softmax outputs
             params = jax.tree.map(lambda w, g: w - 0.5 * g, params, jax.grad(ce)(params, (x, y)))
-        V = jax.random.rademacher(jax.random.key(0), (20, 64 * 32 + 32 * 10), jnp.float32)
+        V = jax.tree.map(
+            lambda w: jax.random.rademacher(jax.random.key(0), (20, *w.shape), jnp.float32), params
+        )
+        traced = _batches.trace_loss(ce, params, (x, y))
         for curvature in ("ggn", "fisher"):
             op = Operator(curvature, quadratic=True)
-            batched = np.asarray(_on_batch_jit(op, ce, params, (x, y), V))
-            one = np.asarray(
-                [op(BatchLoss(ce, (x, y)), params, V[i : i + 1])[0] for i in range(len(V))]
-            )
+            batched = np.asarray(_batches._on_batch_jit(op, *traced, params, (x, y), V))
+            probe = lambda i: jax.tree.map(lambda v: v[i : i + 1], V)
+            one = np.asarray([op(BatchLoss(ce, (x, y)), params, probe(i))[0] for i in range(20)])
             np.testing.assert_allclose(batched, one, rtol=1e-4)
     finally:
         jax.config.update("jax_enable_x64", previous)

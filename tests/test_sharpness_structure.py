@@ -55,3 +55,13 @@ def test_the_checker_sees_a_cycle_through_a_lazy_import(tmp_path):
     b.write_text("def f():\n    from sharpjax.sharpness import hvp\n")
     assert imports_within_the_package(a) == {"curvature"}
     assert imports_within_the_package(b) == {"__init__", "hvp"}
+
+
+def test_matplotlib_is_imported_only_inside_the_plot_functions():
+    # The light install has no matplotlib: importing the measures must not need it.
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in node.names]
+                assert not any(n.startswith("matplotlib") for n in names), path.name

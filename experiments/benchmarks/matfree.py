@@ -85,13 +85,19 @@ def methods(logits_fn, params, m: int) -> dict[str, Callable]:
     flat0 = ravel_pytree(params)[0]
     d = flat0.size
 
+    def flat_product(operator, loss, p):
+        # Operators take a stack of probes shaped like the params; matfree wants flat vectors.
+        unravel = ravel_pytree(p)[1]
+        stack = lambda v: jax.tree.map(lambda a: a[None], unravel(v))
+        return lambda v: ravel_pytree(operator(loss, p, stack(v)))[0]
+
     def hvp_flat(p, x, y):
-        return lambda v: Operator("hessian")(lambda q: ce(q, (x, y)), p, v[None])[0]
+        return flat_product(Operator("hessian"), lambda q: ce(q, (x, y)), p)
 
     def ggn_flat(p, x, y):
         from sharpjax.sharpness._batches import BatchLoss
 
-        return lambda v: Operator("ggn")(BatchLoss(ce, (x, y)), p, v[None])[0]
+        return flat_product(Operator("ggn"), BatchLoss(ce, (x, y)), p)
 
     out = {}
     out["eig/sharpjax"] = lambda p, k, x, y: eigenvalues_of(

@@ -4,16 +4,176 @@ Every measure is linear in the loss, or is built from quantities that are (HVPs,
 forms, loss values and gradients). Over a dataset split into batches it is therefore the
 example-weighted mean of the per-batch quantity; `DatasetLoss.accumulate` computes that mean,
 one jitted call per batch, so only one batch is on the device at a time.
+
+The compiled programs are cached on the user's function *as traced at this call*
+(:class:`Program`), never on the function object, so that a function reading changed data
+through a closure or a global is never answered from a stale compilation.
 """
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
+
+from sharpjax.sharpness._tree import Layout
+from sharpjax.sharpness._validate import check_float_params
 
 PyTree = Any
+
+# Parameter values of a jaxpr equation that its text fully describes.
+_PRINTED = (str, bytes, int, float, complex, bool, type(None), np.dtype, jax.core.AbstractValue)
+
+
+class _Identity:
+    """An unhashable object as a cache key, by identity; holding it keeps its id unique."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
+def _opaque(value: Any, out: list) -> None:
+    """Collect what a jaxpr's text does not show: the functions in its equations' parameters
+    (custom JVP/VJP rules print by name only) and the constants of nested closed jaxprs."""
+    if isinstance(value, ClosedJaxpr):
+        out.extend(_Identity(c) for c in value.consts)
+        value = value.jaxpr
+    if isinstance(value, Jaxpr):
+        for eqn in value.eqns:
+            for v in eqn.params.values():
+                _opaque(v, out)
+    elif isinstance(value, tuple | list):
+        for v in value:
+            _opaque(v, out)
+    elif not isinstance(value, _PRINTED):
+        try:
+            hash(value)
+        except TypeError:
+            value = _Identity(value)
+        out.append(value)
+
+
+def _is_rule(value: Any) -> bool:
+    return type(value).__name__ == "WrappedFun"
+
+
+class Program:
+    """A user's function as traced at this call: a jit-cache key that cannot go stale.
+
+    Why: a jit cache keyed on the function object answers a function that reads changed data
+    through a closure or a global with the program compiled for the old data. The jaxpr of the
+    function records everything it read: arrays become constants, which :meth:`bind` passes to
+    the compiled program as arguments, and Python numbers become literals in the jaxpr's text,
+    which is (with the functions the text names only, see ``_opaque``) the key. A new lambda
+    with the same body is the same program, so it reuses the compilation. The cost is one
+    trace of the function per measure call (and per batch shape when streaming).
+    """
+
+    __slots__ = ("_hash", "_key", "consts", "in_avals", "in_tree", "jaxpr", "out_tree")
+
+    def __init__(self, fn: Callable, *args: Any):
+        # A new function each time: make_jaxpr caches traces per function object, which would
+        # be stale in the same way.
+        closed, shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*args)
+        self.jaxpr = closed.jaxpr
+        leaves, self.in_tree = jax.tree.flatten(args)
+        self.in_avals = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+        self.out_tree = jax.tree.structure(shape)
+        opaque: list = []
+        _opaque(self.jaxpr, opaque)
+        texts = [str(self.jaxpr)]
+        if any(_is_rule(o) for o in opaque):
+            # Custom JVP rules (jax.nn.relu's, flax's) are new objects at every trace, so as
+            # objects they would make every call a new program. They print by name only; the
+            # text of the function's JVP in the params (what every measure differentiates)
+            # adds the operations of the rules it inlines. Known limit: two custom-JVP functions
+            # of the same name and primal but different rules, not inlined there, would share
+            # a compilation.
+            opaque = [o for o in opaque if not _is_rule(o)]
+            try:
+                tangents = jax.make_jaxpr(
+                    lambda p, *rest: jax.jvp(lambda q: fn(q, *rest), (p,), (p,))
+                )(*args).jaxpr
+                texts.append(str(tangents))
+            except Exception:  # e.g. a custom VJP has no JVP: the primal text only
+                pass
+        self._key = (*texts, self.in_tree, self.out_tree, tuple(opaque))
+        self._hash = hash(self._key)
+        self.consts = closed.consts
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Program) and other._key == self._key
+
+    def bind(self, consts: list) -> Callable:
+        """The function again, reading ``consts`` (arrays, or tracers under jit)."""
+
+        def fn(*args: Any) -> Any:
+            leaves, tree = jax.tree.flatten(args)
+            avals = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+            if tree != self.in_tree or avals != self.in_avals:
+                # Internal: each traced function is called only with its traced signature.
+                raise TypeError(f"traced for {self.in_avals}, called with {avals}.")
+            out = jax.core.eval_jaxpr(self.jaxpr, consts, *leaves)
+            return jax.tree.unflatten(self.out_tree, out)
+
+        return fn
+
+
+def trace(fn: Callable, *args: Any) -> tuple[Program, list]:
+    """``(program, consts)``: the static jit key and the arrays to pass beside it."""
+    program = Program(fn, *args)
+    consts, program.consts = program.consts, None
+    return program, consts
+
+
+def is_tracing(*trees: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+@dataclass(frozen=True)
+class SoftmaxCrossEntropy:
+    """``loss(params, (x, y))``: mean softmax cross-entropy of ``logits_fn(params, x)``.
+
+    A frozen dataclass rather than a closure, so that the GGN and Fisher products can read
+    ``logits_fn`` (:mod:`sharpjax.sharpness.curvature`).
+    """
+
+    logits_fn: Callable
+
+    def __call__(self, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x, y = batch
+        log_p = jax.nn.log_softmax(self.logits_fn(params, x))
+        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
+
+
+def trace_loss(loss_fn: Callable, params: PyTree, batch: PyTree) -> tuple[Any, list]:
+    """:func:`trace` of ``loss_fn(params, batch)``; of the logits inside a cross-entropy, which
+    the GGN and Fisher products call on their own."""
+    if isinstance(loss_fn, SoftmaxCrossEntropy) and _is_labelled_batch(batch):
+        program, consts = trace(loss_fn.logits_fn, params, batch[0])
+        return SoftmaxCrossEntropy(program), consts
+    return trace(loss_fn, params, batch)
+
+
+def bind_loss(static: Any, consts: list) -> Callable:
+    if isinstance(static, SoftmaxCrossEntropy):
+        return SoftmaxCrossEntropy(static.logits_fn.bind(consts))
+    return static.bind(consts)
 
 
 def batch_size(batch: PyTree) -> int:
@@ -53,17 +213,11 @@ def _on_batch(fn: Callable, loss_fn: Callable, params: PyTree, batch: PyTree, *o
     return fn(BatchLoss(loss_fn, batch), params, *operands)
 
 
-# fn and loss_fn are static so that every batch (and every call with the same functions)
+# fn and the traced loss are static so that every batch (and every call with the same loss)
 # reuses one compilation; fn must therefore be a module-level function, not a closure.
-_on_batch_jit = jax.jit(_on_batch, static_argnums=(0, 1))
-
-
-def hashable(f: Callable) -> bool:
-    try:
-        hash(f)
-    except TypeError:
-        return False
-    return True
+@partial(jax.jit, static_argnums=(0, 1))
+def _on_batch_jit(fn: Callable, static: Any, consts: list, params, batch, *operands: Any):
+    return _on_batch(fn, bind_loss(static, consts), params, batch, *operands)
 
 
 @jax.jit
@@ -97,15 +251,24 @@ class DatasetLoss:
     ``batches`` may be a one-shot iterator only for measures that read the data once.
     """
 
-    def __init__(self, loss_fn: Callable, batches: Iterable | None = None, name: str = "batches"):
+    def __init__(
+        self,
+        loss_fn: Callable,
+        batches: Iterable | None = None,
+        name: str = "batches",
+        layout: Layout | None = None,
+    ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
         self.loss_fn = loss_fn
+        # The params' sharding, for the vectors a measure builds (see _tree).
+        self.layout = Layout() if layout is None else layout
         self.batches = batches
         self.name = name
         self.streaming = batches is not None
         self._one_shot = False
         self._passes = 0
+        self._traced: dict = {}
         if self.streaming:
             _check_iterable(batches, name)
             self._one_shot = iter(batches) is batches
@@ -120,12 +283,19 @@ class DatasetLoss:
                 "times; pass a list of batches or a re-iterable data loader."
             )
         self._passes += 1
-        # An unhashable loss_fn cannot key a jit cache; it then runs op by op.
-        on_batch = _on_batch_jit if hashable(self.loss_fn) else _on_batch
-        results = (
-            (batch_size(b), on_batch(fn, self.loss_fn, params, b, *operands)) for b in self.batches
-        )
+        results = ((batch_size(b), self._on_batch(fn, params, b, *operands)) for b in self.batches)
         return weighted_mean(results, f"{self.name} is empty; pass at least one batch.")
+
+    def _on_batch(self, fn: Callable, params: PyTree, batch: PyTree, *operands: Any) -> PyTree:
+        if is_tracing(params, batch, operands):  # inside the caller's jit: simply traced
+            return _on_batch(fn, self.loss_fn, params, batch, *operands)
+        # Traced once per batch signature and call: the loss cannot change during a measure.
+        signature = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), (params, batch))
+        signature = (jax.tree.structure((params, batch)), tuple(jax.tree.leaves(signature)))
+        if signature not in self._traced:
+            self._traced[signature] = trace_loss(self.loss_fn, params, batch)
+        static, consts = self._traced[signature]
+        return _on_batch_jit(fn, static, consts, params, batch, *operands)
 
     def fori_loop(self, n: int, body: Callable, init: Any) -> Any:
         """``lax.fori_loop``, or a Python loop when every step has to stream the batches."""
@@ -136,26 +306,39 @@ class DatasetLoss:
         return jax.lax.fori_loop(0, n, body, init)
 
 
-# impl, loss_fn and the static arguments key the compilation cache, so repeated calls with the
-# same loss function (e.g. over training checkpoints) compile once.
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _whole(impl: Callable, loss_fn: Callable, static: tuple, *args: Any):
-    return impl(DatasetLoss(loss_fn), *args, **dict(static))
+# impl, the traced loss and the static arguments key the compilation cache, so repeated calls
+# with the same loss (e.g. over training checkpoints) compile once.
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _whole(impl: Callable, program: Program, static: tuple, layout: Layout, consts, *args: Any):
+    return impl(DatasetLoss(program.bind(consts), layout=layout), *args, **dict(static))
 
 
 def evaluate(impl: Callable, loss_fn: Callable, batches: Iterable | None, *args: Any, **static):
     """``impl(loss, *args, **static)`` with ``loss = DatasetLoss(loss_fn, batches)``.
 
-    Without batches it runs as one jitted computation, cached per ``loss_fn`` (so a loss_fn
-    closing over large arrays bakes them into the program as constants: pass the data as
-    arguments of your own jit, or use ``batches``). Inside a caller's trace it is simply
-    traced. Streaming runs eagerly, one jitted call per batch and step, so no more than one
-    batch is ever on the device.
+    Without batches it runs as one jitted computation, cached per traced loss
+    (:class:`Program`: the arrays ``loss_fn`` reads are passed as arguments, never baked in).
+    Inside a caller's trace it is simply traced. Streaming runs eagerly, one jitted call per
+    batch and step, so no more than one batch is ever on the device.
     """
-    tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
-    if batches is not None or tracing or not hashable(loss_fn):
-        return impl(DatasetLoss(loss_fn, batches), *args, **static)
-    return _whole(impl, loss_fn, tuple(sorted(static.items())), *args)
+    params = args[0]  # every measure passes params first
+    check_float_params(params)
+    layout = Layout(params)
+    if batches is not None or is_tracing(args):
+        return impl(DatasetLoss(loss_fn, batches, layout=layout), *args, **static)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    program, consts = trace(loss_fn, params)
+    return _whole(impl, program, tuple(sorted(static.items())), layout, consts, *args)
+
+
+def compile_measure(impl: Callable, loss_fn: Callable, *args: Any, **static: Any):
+    """The program :func:`evaluate` runs without batches, compiled but not run: for
+    ``.memory_analysis()`` in benchmarks and tests (``impl`` a measure's ``_impl``)."""
+    params = args[0]
+    program, consts = trace(loss_fn, params)
+    static = tuple(sorted(static.items()))
+    return _whole.lower(impl, program, static, Layout(params), consts, *args).compile()
 
 
 def _is_labelled_batch(batch: Any) -> bool:

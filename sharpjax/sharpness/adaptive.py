@@ -5,10 +5,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
+from sharpjax.core import tree_add
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
-from sharpjax.sharpness._validate import choice, positive_int, positive_number, require_key
+from sharpjax.sharpness._tree import gaussian, norm
+from sharpjax.sharpness._validate import (
+    choice,
+    is_key,
+    positive_int,
+    positive_number,
+    require_key,
+    valid,
+)
 
 PyTree = Any
 
@@ -28,20 +36,25 @@ class AdaptiveSharpnessResult(NamedTuple):
     std_error: jax.Array | None
 
 
-def _losses(loss: Callable, params: PyTree, deltas: jax.Array) -> jax.Array:
-    flat, unravel = ravel_pytree(params)
-    return jax.vmap(lambda d: loss(unravel(flat + d)))(deltas)
+# Perturbations δ, γ and gradients are pytrees shaped (and sharded) like the params.
 
 
-def _loss_and_grad(loss: Callable, params: PyTree, delta: jax.Array):
-    flat, unravel = ravel_pytree(params)
-    return jax.value_and_grad(lambda d: loss(unravel(flat + d)))(delta)
+def _losses(loss: Callable, params: PyTree, deltas: PyTree) -> jax.Array:
+    return jax.vmap(lambda d: loss(tree_add(params, d)))(deltas)
 
 
-def _unit(g: jax.Array) -> jax.Array:
+def _loss_and_grad(loss: Callable, params: PyTree, delta: PyTree):
+    return jax.value_and_grad(lambda d: loss(tree_add(params, d)))(delta)
+
+
+def _scaled(tree: PyTree, c: jax.Array) -> PyTree:
+    return jax.tree.map(lambda x: x * c.astype(x.dtype), tree)
+
+
+def _unit(g: PyTree) -> PyTree:
     # eps-safe: a zero gradient gives a zero step, never NaN.
-    norm = jnp.linalg.norm(g)
-    return g / jnp.where(norm > 0, norm, 1)
+    n = norm(g)
+    return _scaled(g, 1 / jnp.where(n > 0, n, 1))
 
 
 @jax.jit
@@ -49,10 +62,10 @@ def _ascent_step(gamma, value, g, best_value, best_gamma, rho, eta):
     """Keep the best iterate, then ``γ ← Π_ρ(γ + η ∇/‖∇‖)``; jitted once for streaming."""
     better = value > best_value
     best_value = jnp.where(better, value, best_value)
-    best_gamma = jnp.where(better, gamma, best_gamma)
-    gamma = gamma + eta * _unit(g)
-    norm = jnp.linalg.norm(gamma)
-    gamma = gamma * jnp.minimum(1, rho / jnp.where(norm > 0, norm, 1))
+    best_gamma = jax.tree.map(lambda a, b: jnp.where(better, a, b), gamma, best_gamma)
+    gamma = tree_add(gamma, _scaled(_unit(g), eta))
+    n = norm(gamma)
+    gamma = _scaled(gamma, jnp.minimum(1, rho / jnp.where(n > 0, n, 1)))
     return gamma, best_value, best_gamma
 
 
@@ -96,8 +109,17 @@ def adaptive_sharpness(
         it ``num_steps + 2`` times and needs a re-iterable).
 
     Returns:
-      An :class:`AdaptiveSharpnessResult`.
+      An :class:`AdaptiveSharpnessResult`. ``rho`` and ``step_size`` are checked when concrete;
+      traced ones (inside your jit) cannot be, and a value that is not finite and > 0 then
+      gives a NaN result.
     """
+    if is_key(rho) or is_key(kind):
+        raise TypeError(
+            "adaptive_sharpness got a PRNG key as rho or kind; its signature is "
+            "adaptive_sharpness(loss_fn, params, rho, kind='worst', key=None, ...), unlike the "
+            "other measures' (loss_fn, params, key): pass the radius third and the key by "
+            "keyword, e.g. adaptive_sharpness(loss_fn, params, 0.05, 'average', key=key)."
+        )
     choice("kind", kind, ("worst", "average"))
     positive_number("rho", rho)
     if kind == "average":
@@ -113,11 +135,15 @@ def adaptive_sharpness(
 def _average(
     loss: DatasetLoss, params: PyTree, rho: jax.Array, key: jax.Array, *, num_samples: int
 ) -> AdaptiveSharpnessResult:
-    flat, _ = ravel_pytree(params)
-    scale = jnp.abs(flat)
-    noise = jax.random.normal(key, (num_samples, flat.size), flat.dtype)
-    deltas = jnp.concatenate([jnp.zeros((1, flat.size), flat.dtype), rho * scale * noise])
-    values = loss.accumulate(_losses, params, deltas)
+    rho = valid(rho)
+    noise = gaussian(key, params, (num_samples,))
+    # Row 0 is δ = 0, the loss at w.
+    deltas = jax.tree.map(
+        lambda w, z: jnp.concatenate([jnp.zeros((1, *w.shape), w.dtype), rho * jnp.abs(w) * z]),
+        params,
+        noise,
+    )
+    values = loss.accumulate(_losses, params, loss.layout.stack(deltas))
     diffs = values[1:] - values[0]
     return AdaptiveSharpnessResult(
         jnp.mean(diffs), None, jnp.std(diffs, ddof=1) / jnp.sqrt(num_samples)
@@ -132,22 +158,29 @@ def _worst(
     *,
     num_steps: int,
 ) -> AdaptiveSharpnessResult:
-    flat, unravel = ravel_pytree(params)
-    scale = jnp.abs(flat)
-    eta = rho if step_size is None else step_size
+    scale = jax.tree.map(jnp.abs, params)
+    times = lambda a, b: jax.tree.map(jnp.multiply, a, b)
+    rho = valid(rho)
+    eta = rho if step_size is None else valid(step_size)
 
     def loss_and_grad(gamma):
-        value, g = loss.accumulate(_loss_and_grad, params, scale * gamma)
-        return value, scale * g
+        value, g = loss.accumulate(_loss_and_grad, params, times(scale, gamma))
+        return value, times(scale, g)
 
     def body(_, carry):
         gamma, best_value, best_gamma = carry
         value, g = loss_and_grad(gamma)
-        return _ascent_step(gamma, value, g, best_value, best_gamma, rho, eta)
+        gamma, best_value, best_gamma = _ascent_step(
+            gamma, value, g, best_value, best_gamma, rho, eta
+        )
+        return loss.layout.vector(gamma), best_value, loss.layout.vector(best_gamma)
 
-    base, g0 = loss_and_grad(jnp.zeros_like(flat))
-    init = (rho * _unit(g0), base, jnp.zeros_like(flat))
+    zero = loss.layout.vector(jax.tree.map(jnp.zeros_like, params))
+    base, g0 = loss_and_grad(zero)
+    init = (_scaled(_unit(g0), rho), base, zero)
     gamma, best_value, best_gamma = loss.fori_loop(num_steps, body, init)
     # The last iterate has not been evaluated yet.
     _, best_value, best_gamma = body(None, (gamma, best_value, best_gamma))
-    return AdaptiveSharpnessResult(best_value - base, unravel(scale * best_gamma), None)
+    # The ascent keeps the best of comparisons that a NaN radius never wins: say NaN instead.
+    value = jnp.where(jnp.isnan(rho) | jnp.isnan(eta), jnp.nan, best_value - base)
+    return AdaptiveSharpnessResult(value, times(scale, best_gamma), None)

@@ -1,20 +1,23 @@
 """Hessian diagonal of the mean softmax cross-entropy: exact (per-example GGN) or Hutchinson."""
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from sharpjax.sharpness._batches import (
     DatasetLoss,
+    Program,
     check_labelled_batch,
-    hashable,
+    is_tracing,
     labelled_batches,
+    trace,
     weighted_mean,
 )
-from sharpjax.sharpness._validate import choice, positive_int, require_key
+from sharpjax.sharpness._tree import Layout, rademacher, size
+from sharpjax.sharpness._validate import check_float_params, choice, positive_int, require_key
 from sharpjax.sharpness.curvature import SoftmaxCrossEntropy, hvp_rows
 
 PyTree = Any
@@ -75,16 +78,18 @@ def _ggn_diagonal(logits_fn: Callable, params: PyTree, x: jax.Array) -> PyTree:
         return jax.tree.map(lambda r: jnp.sum(r**2, axis=0), rows)
 
     num_classes = jax.eval_shape(logits_fn, params, x[:1]).shape[-1]
-    entries = num_classes * ravel_pytree(params)[0].size
+    entries = num_classes * size(params)
     total = _chunked_sum(per_example, x, example_chunk(entries))
     return jax.tree.map(lambda t: t / x.shape[0], total)
 
 
-_ggn_diagonal_jit = jax.jit(_ggn_diagonal, static_argnums=(0,))
+@partial(jax.jit, static_argnums=0)
+def _ggn_diagonal_jit(program: Program, consts: list, params: PyTree, x: jax.Array) -> PyTree:
+    return _ggn_diagonal(program.bind(consts), params, x)
 
 
-def _diagonal_estimate(loss: Callable, params: PyTree, V: jax.Array) -> jax.Array:
-    return jnp.mean(V * hvp_rows(loss, params, V), axis=0)
+def _diagonal_estimate(loss: Callable, params: PyTree, V: PyTree) -> PyTree:
+    return jax.tree.map(lambda v, r: jnp.mean(v * r, axis=0), V, hvp_rows(loss, params, V))
 
 
 def hessian_diagonal(
@@ -127,21 +132,26 @@ def hessian_diagonal(
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
     choice("method", method, ("exact", "hvp"))
+    check_float_params(params)
     batches = labelled_batches(batch)
     if method == "hvp":
         require_key(key, 'for method="hvp"')
         positive_int("num_samples", num_samples)
-        flat, unravel = ravel_pytree(params)
-        V = jax.random.rademacher(key, (num_samples, flat.size), flat.dtype)
+        layout = Layout(params)
+        V = layout.stack(rademacher(key, params, (num_samples,)))
         checked = (check_labelled_batch(b) for b in batches)
-        loss = DatasetLoss(SoftmaxCrossEntropy(logits_fn), checked, name="batch")
-        return unravel(loss.accumulate(_diagonal_estimate, params, V))
-    # logits_fn keys the jit cache; an unhashable one runs op by op.
-    ggn_diagonal = _ggn_diagonal_jit if hashable(logits_fn) else _ggn_diagonal
+        loss = DatasetLoss(SoftmaxCrossEntropy(logits_fn), checked, name="batch", layout=layout)
+        return loss.accumulate(_diagonal_estimate, params, V)
+
+    def diagonal(x):
+        if is_tracing(params, x):
+            return _ggn_diagonal(logits_fn, params, x)
+        # Keyed on logits_fn as traced now, on one example (how it is called), never stale.
+        return _ggn_diagonal_jit(*trace(logits_fn, params, x[:1]), params, x)
 
     def results():
         for b in batches:
             x, _ = check_labelled_batch(b)
-            yield x.shape[0], ggn_diagonal(logits_fn, params, x)
+            yield x.shape[0], diagonal(x)
 
     return weighted_mean(results(), "batch is an empty iterable; pass at least one (x, y) batch.")

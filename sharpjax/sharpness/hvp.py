@@ -1,6 +1,6 @@
 """Hessian-vector products and trace estimators (Hutchinson, Hutch++) of H, the GGN or the Fisher.
 
-matfree (0.6) offers Hutchinson, XTrace and XNysTrace; ``experiments/bench_matfree.py``
+matfree (0.6) offers Hutchinson, XTrace and XNysTrace; ``experiments/benchmarks/matfree.py``
 compares them with these estimators at the same matvec budget against a dense Hessian/GGN.
 Hutchinson is the same estimator (identical errors). XTrace against Hutch++ (relative error,
 mean of 3 seeds; ``results/benchmarks/matfree.log``), on trained networks:
@@ -22,11 +22,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
+from sharpjax.sharpness._tree import combine, orthonormal_rows, pairwise_dots, rademacher
 from sharpjax.sharpness._validate import choice, positive_int
-from sharpjax.sharpness.curvature import Operator, blocks, check_curvature, hvp_rows
+from sharpjax.sharpness.curvature import (
+    Operator,
+    block_subtree,
+    blocks,
+    check_curvature,
+    hvp_rows,
+)
 
 __all__ = ["TraceEstimate", "hessian_trace", "hvp", "hvp_rows"]
 
@@ -154,7 +160,7 @@ def hessian_trace(
     parts = blocks(params)
     keys = jax.random.split(key, len(parts))
     return {
-        b.name: evaluate(
+        name: evaluate(
             _hessian_trace,
             loss_fn,
             batches,
@@ -162,9 +168,9 @@ def hessian_trace(
             k,
             num_samples=num_samples,
             method=method,
-            operator=Operator(curvature, (b.start, b.stop)),
+            operator=Operator(curvature, name),
         )
-        for b, k in zip(parts, keys, strict=True)
+        for (name, _), k in zip(parts, keys, strict=True)
     }
 
 
@@ -177,20 +183,25 @@ def _hessian_trace(
     method: str,
     operator: Operator,
 ) -> TraceEstimate:
-    flat, _ = ravel_pytree(params)
-    d = flat.size if operator.block is None else operator.block[1] - operator.block[0]
+    # Probes are stacks shaped like the params (or the block), sharded as they are.
+    space = params if operator.block is None else block_subtree(params, operator.block)
+    layout = loss.layout.block(operator.block)
     quadratic_forms = Operator(operator.curvature, operator.block, quadratic=True)
     if method == "hutchinson":
-        V = jax.random.rademacher(key, (num_samples, d), flat.dtype)
+        V = layout.stack(rademacher(key, space, (num_samples,)))
         value, std_error = _mean_and_std_error(loss.accumulate(quadratic_forms, params, V))
         return TraceEstimate(value, std_error)
     k = num_samples // 3
     key_s, key_g = jax.random.split(key)
-    S = jax.random.rademacher(key_s, (k, d), flat.dtype)
-    Q = jnp.linalg.qr(loss.accumulate(operator, params, S).T)[0]
-    G = jax.random.rademacher(key_g, (num_samples - 2 * k, d), flat.dtype)
-    G = G - (G @ Q) @ Q.T
+    S = layout.stack(rademacher(key_s, space, (k,)))
+    Q = layout.stack(orthonormal_rows(loss.accumulate(operator, params, S)))
+    G = layout.stack(rademacher(key_g, space, (num_samples - 2 * k,)))
+    G = jax.tree.map(jnp.subtract, G, combine(pairwise_dots(G, Q), Q))
     # One pass over the data gives both the sketched trace and the residual probes.
-    quads = loss.accumulate(quadratic_forms, params, jnp.concatenate([Q.T, G]))
-    residual, std_error = _mean_and_std_error(quads[Q.shape[1] :])
-    return TraceEstimate(jnp.sum(quads[: Q.shape[1]]) + residual, std_error)
+    quads = loss.accumulate(quadratic_forms, params, jax.tree.map(_concat, Q, G))
+    residual, std_error = _mean_and_std_error(quads[k:])
+    return TraceEstimate(jnp.sum(quads[:k]) + residual, std_error)
+
+
+def _concat(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.concatenate([a, b])

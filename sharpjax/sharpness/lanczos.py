@@ -4,7 +4,7 @@ Of the Hessian, the GGN or the empirical Fisher (:mod:`sharpjax.sharpness.curvat
 per layer.
 
 Why our own Lanczos rather than matfree's (0.6: ``decomp.tridiag_sym``, ``eig.eigh_partial``,
-``funm``): ``experiments/bench_matfree.py`` ran both at the same matvec budget on an MLP of 8x8
+``funm``): ``experiments/benchmarks/matfree.py`` ran both at the same matvec budget on an MLP of 8x8
 digits (2,442 parameters) and a small LeNet (1,722 parameters), each at initialisation and
 trained, against the dense Hessian (``results/benchmarks/matfree.log``). Top-5 eigenvalues: the
 same accuracy (relative errors 2e-7 to 1e-6 on the MLP, 8e-6 to 1.1e-5 on the trained LeNet for
@@ -17,53 +17,101 @@ matfree's distinguishing feature, a custom VJP through Lanczos, is not needed by
 So the code is kept, and matfree is not a dependency.
 """
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+import numpy as np
 
+from sharpjax.core import compute_dtype
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
-from sharpjax.sharpness._validate import positive_int, positive_number
+from sharpjax.sharpness._tree import (
+    Layout,
+    combine,
+    dot,
+    gaussian,
+    norm,
+    orthonormalise,
+    row,
+    size,
+)
+from sharpjax.sharpness._validate import positive_int, positive_number, valid
 from sharpjax.sharpness.curvature import Operator, block_subtree, blocks, check_curvature
 
 PyTree = Any
 
 
-def _orthogonalise(w: jax.Array, V: jax.Array) -> jax.Array:
-    # Twice is enough ("twice is enough", Parlett): one Gram-Schmidt pass loses orthogonality
-    # in floating point once w has mostly been cancelled. Unfilled rows of V are zero.
-    for _ in range(2):
-        w = w - V.T @ (V @ w)
-    return w
+class EigenvalueEstimate(NamedTuple):
+    """The top eigenvalues from Lanczos.
+
+    Attributes:
+      value: the ``k`` largest Ritz values, largest first, shape ``(k,)``.
+      eigenvectors: the unit Ritz vectors, the structure of ``params`` with a leading axis of
+        size ``k`` (the block's structure with ``per_layer``); ``None`` unless
+        ``return_eigenvectors=True``.
+      residual: ``‖C y_j − θ_j y_j‖`` of each Ritz pair, shape ``(k,)``, from the recurrence
+        (``β_m |e_mᵀ s_j|``, no extra product): ``θ_j`` is within it of an eigenvalue of ``C``.
+      num_iterations: the Lanczos steps taken (``num_iterations`` clipped to the dimension).
+    """
+
+    value: jax.Array
+    eigenvectors: PyTree | None
+    residual: jax.Array
+    num_iterations: int
+
+
+class SpectralDensity(NamedTuple):
+    """An eigenvalue density from stochastic Lanczos quadrature.
+
+    Attributes:
+      grid: the points where the density is evaluated.
+      density: ``ρ`` on ``grid``, e.g. for ``plt.semilogy(grid, density)`` or
+        :func:`plot_spectral_density`.
+      nodes: the Ritz values ``θ_pj``, shape ``(num_probes, m)``.
+      weights: their quadrature weights ``τ_pj`` (each probe's sum to 1), same shape.
+      sigma: the Gaussian broadening used.
+    """
+
+    grid: jax.Array
+    density: jax.Array
+    nodes: jax.Array
+    weights: jax.Array
+    sigma: jax.Array
 
 
 @jax.jit
 def _lanczos_step(i, w, V, alphas, betas, scale):
-    """Record ``α_i = v_iᵀ w`` (``w = H v_i``) and append the next basis vector.
+    """Record ``α_i = ⟨v_i, w⟩`` (``w = C v_i``) and append the next basis vector.
 
-    Jitted on its own so that the streaming (Python-loop) path compiles it once.
+    ``w`` is shaped like the params and ``V`` is their stack (leading axis ``m``, unfilled rows
+    zero). Jitted on its own so that the streaming (Python-loop) path compiles it once.
     On breakdown (an invariant subspace is exhausted) the next vector is the coordinate axis
     least represented in the basis, orthogonalised, with a zero coupling, so ``T`` stays exact
     for the eigenvalues. (While the basis spans fewer than d dimensions, some axis keeps a
     component outside it.)
     """
-    v = V[i]
-    alpha = jnp.vdot(v, w)
-    w = _orthogonalise(w, V)
-    beta = jnp.linalg.norm(w)
+    v = row(V, i)
+    alpha = dot(v, w)
+    w = orthonormalise(w, V)
+    beta = norm(w)
     scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
-    ok = beta > 10 * jnp.finfo(w.dtype).eps * scale
+    ok = beta > 10 * jnp.finfo(alphas.dtype).eps * scale
 
     def restart():
-        axis = jnp.argmin(jnp.sum(V**2, axis=0))
-        r = _orthogonalise(jnp.zeros_like(w).at[axis].set(1), V)
-        return r / jnp.linalg.norm(r)
+        weights = [jnp.sum(jnp.square(x.astype(alphas.dtype)), axis=0) for x in jax.tree.leaves(V)]
+        leaf = jnp.argmin(jnp.stack([jnp.min(u) for u in weights]))
+        axes = [
+            (jnp.arange(u.size).reshape(u.shape) == jnp.argmin(u)) & (leaf == j)
+            for j, u in enumerate(weights)
+        ]
+        e = jax.tree.unflatten(jax.tree.structure(w), axes)
+        r = orthonormalise(jax.tree.map(lambda a, x: a.astype(x.dtype), e, w), V)
+        return jax.tree.map(lambda x: x / norm(r).astype(x.dtype), r)
 
-    v_next = jax.lax.cond(ok, lambda: w / beta, restart)
+    v_next = jax.lax.cond(ok, lambda: jax.tree.map(lambda x: x / beta.astype(x.dtype), w), restart)
     return (
-        V.at[i + 1].set(v_next, mode="drop"),
+        jax.tree.map(lambda a, x: a.at[i + 1].set(x.astype(a.dtype), mode="drop"), V, v_next),
         alphas.at[i].set(alpha),
         betas.at[i].set(jnp.where(ok, beta, 0)),
         scale,
@@ -71,36 +119,45 @@ def _lanczos_step(i, w, V, alphas, betas, scale):
 
 
 def _lanczos(
-    matvec: Callable[[jax.Array], jax.Array],
-    v0: jax.Array,
+    matvec: Callable[[PyTree], PyTree],
+    v0: PyTree,
     num_iterations: int,
-    fori_loop: Callable,
-) -> tuple[jax.Array, jax.Array]:
-    """``m`` Lanczos steps from ``v0``; returns the tridiagonal ``T`` and the basis ``V`` (m, d)."""
-    m, d = num_iterations, v0.shape[0]
-    V = jnp.zeros((m, d), v0.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    loss: DatasetLoss,
+    layout: Layout,
+) -> tuple[jax.Array, PyTree, jax.Array]:
+    """``m`` Lanczos steps from ``v0`` (shaped like the params): the tridiagonal ``T``, the
+    basis ``V`` (a stack of ``m`` vectors in the params' layout) and ``β_m``, the norm of the
+    residual after the last step."""
+    m = num_iterations
+    dtype = jnp.result_type(*(compute_dtype(x) for x in jax.tree.leaves(v0)))
+    v0 = jax.tree.map(lambda x: x / norm(v0).astype(x.dtype), v0)
+    V = jax.tree.map(lambda x: jnp.zeros((m, *x.shape), x.dtype).at[0].set(x), v0)
 
     def body(i, carry):
         V = carry[0]
-        return _lanczos_step(i, matvec(V[i]), *carry)
+        V, *rest = _lanczos_step(i, matvec(layout.vector(row(V, i))), *carry)
+        return (layout.stack(V), *rest)
 
-    zeros = jnp.zeros(m, v0.dtype)
-    V, alphas, betas, _ = fori_loop(m, body, (V, zeros, zeros, jnp.zeros((), v0.dtype)))
+    zeros = jnp.zeros(m, dtype)
+    init = (layout.stack(V), zeros, zeros, jnp.zeros((), dtype))
+    V, alphas, betas, _ = loss.fori_loop(m, body, init)
     T = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    return T, V
+    return T, V, betas[-1]
 
 
 def _krylov_size(params: PyTree, num_iterations: int) -> tuple[int, int]:
     positive_int("num_iterations", num_iterations)
-    d = ravel_pytree(params)[0].size
+    d = size(params)
     # A Krylov space cannot exceed the dimension.
     return d, min(num_iterations, d)
 
 
-def _matvec(
-    loss: DatasetLoss, params: PyTree, operator: Operator
-) -> Callable[[jax.Array], jax.Array]:
-    return lambda v: loss.accumulate(operator, params, v[None])[0]
+def _matvec(loss: DatasetLoss, params: PyTree, operator: Operator) -> Callable[[PyTree], PyTree]:
+    def matvec(v):
+        stack = jax.tree.map(lambda x: x[None], v)
+        return row(loss.accumulate(operator, params, stack), 0)
+
+    return matvec
 
 
 def top_eigenvalues(
@@ -114,11 +171,12 @@ def top_eigenvalues(
     curvature: str = "hessian",
     per_layer: bool = False,
     batches: Iterable | None = None,
-) -> jax.Array | tuple[jax.Array, PyTree] | dict[str, Any]:
+) -> EigenvalueEstimate | dict[str, EigenvalueEstimate]:
     """The ``k`` algebraically largest Hessian (or GGN, or Fisher) eigenvalues by Lanczos.
 
-    Lanczos with full reorthogonalisation on the flattened parameter vector
-    (``jax.flatten_util.ravel_pytree``): ``num_iterations`` HVPs build the Krylov basis ``V`` and
+    Lanczos with full reorthogonalisation, every vector in the parameters' own pytree layout
+    (and sharding; :mod:`sharpjax.sharpness._tree`): ``num_iterations`` HVPs build the Krylov
+    basis ``V`` and
     tridiagonal ``T = V H Vᵀ``; the Ritz values (eigenvalues of ``T``) converge to the extreme
     eigenvalues of ``H`` first (Golub & Van Loan §10.1; as used by Ghorbani et al., ICML 2019,
     and Yao et al.'s PyHessian, 2020). ``num_iterations`` (default 50) is clipped to the
@@ -142,18 +200,18 @@ def top_eigenvalues(
         :mod:`sharpjax.sharpness`).
 
     Returns:
-      ``eigenvalues`` of shape ``(k,)``, or ``(eigenvalues, eigenvectors)`` where
-      ``eigenvectors`` has the structure of ``params`` with a leading axis of size ``k``. With
-      ``per_layer=True``, ``{block name: that result}``, eigenvectors shaped like the block.
+      An :class:`EigenvalueEstimate` (``.value``: the eigenvalues, shape ``(k,)``; also
+      ``result[0]``), or with ``per_layer=True`` ``{block name: EigenvalueEstimate}``,
+      eigenvectors shaped like the block.
     """
     positive_int("k", k)
     check_curvature(curvature, loss_fn, batches)
-    parts = blocks(params) if per_layer else [None]
+    parts = [name for name, _ in blocks(params)] if per_layer else [None]
     keys = jax.random.split(key, len(parts)) if per_layer else [key]
     sizes = []  # every block is checked before any is computed
     for block in parts:
         sub = params if block is None else block_subtree(params, block)
-        where = "" if block is None else f" of block {block.name!r}"
+        where = "" if block is None else f" of block {block!r}"
         d, m = _krylov_size(sub, num_iterations)
         if k > d:
             raise ValueError(
@@ -163,11 +221,11 @@ def top_eigenvalues(
             raise ValueError(
                 f"num_iterations={num_iterations} must be >= k={k}; raise num_iterations."
             )
-        sizes.append((sub, m))
+        sizes.append(m)
     results = {}
-    for block, block_key, (sub, m) in zip(parts, keys, sizes, strict=True):
-        operator = Operator(curvature, None if block is None else (block.start, block.stop))
-        values = evaluate(
+    for block, block_key, m in zip(parts, keys, sizes, strict=True):
+        operator = Operator(curvature, block)
+        values, vectors, residual = evaluate(
             _top_eigenvalues,
             loss_fn,
             batches,
@@ -178,11 +236,10 @@ def top_eigenvalues(
             vectors=return_eigenvectors,
             operator=operator,
         )
-        if return_eigenvectors:
-            values = values[0], jax.vmap(ravel_pytree(sub)[1])(values[1])
+        result = EigenvalueEstimate(values, vectors, residual, m)
         if block is None:
-            return values
-        results[block.name] = values
+            return result
+        results[block] = result
     return results
 
 
@@ -195,20 +252,22 @@ def _top_eigenvalues(
     m: int,
     vectors: bool,
     operator: Operator,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    v0 = _start(params, key, operator.block)
-    T, V = _lanczos(_matvec(loss, params, operator), v0, m, loss.fori_loop)
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    layout = loss.layout.block(operator.block)
+    v0 = layout.vector(_start(params, key, operator.block))
+    T, V, beta = _lanczos(_matvec(loss, params, operator), v0, m, loss, layout)
     theta, Y = jnp.linalg.eigh(T)
-    eigenvalues = theta[::-1][:k]
-    if not vectors:
-        return eigenvalues
-    return eigenvalues, Y[:, ::-1][:, :k].T @ V
+    top = Y[:, ::-1][:, :k]
+    # C V_mᵀ s = V_mᵀ T s + β_m v_{m+1} e_mᵀ s (exact up to the reorthogonalised rounding).
+    residual = jnp.abs(beta * top[-1])
+    # The Ritz vectors, combined from the basis in its (the params') layout.
+    vectors = layout.stack(combine(top.T, V)) if vectors else None
+    return theta[::-1][:k], vectors, residual
 
 
-def _start(params: PyTree, key: jax.Array, block: tuple[int, int] | None, shape=()) -> jax.Array:
-    flat, _ = ravel_pytree(params)
-    d = flat.size if block is None else block[1] - block[0]
-    return jax.random.normal(key, (*shape, d), flat.dtype)
+def _start(params: PyTree, key: jax.Array, block: str | None, shape=()) -> PyTree:
+    """Gaussian starting vectors shaped like the params (or the block), a stack of ``shape``."""
+    return gaussian(key, params if block is None else block_subtree(params, block), shape)
 
 
 def spectral_density(
@@ -223,7 +282,7 @@ def spectral_density(
     *,
     curvature: str = "hessian",
     batches: Iterable | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> SpectralDensity:
     """Hessian (or GGN, or Fisher) eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
     For each Gaussian probe ``v`` (normalised), ``m`` Lanczos steps give Ritz values ``θ_j`` and
@@ -249,7 +308,9 @@ def spectral_density(
       batches: optional re-iterable of batches (each Lanczos step reads all of them).
 
     Returns:
-      ``(grid, density)``, e.g. for ``plt.semilogy(grid, density)``.
+      A :class:`SpectralDensity` (``grid`` and ``density`` first, as ``result[0]`` and
+      ``result[1]``; then the Ritz values and weights and ``sigma``); draw it with
+      :func:`plot_spectral_density`.
     """
     positive_int("num_probes", num_probes)
     positive_int("num_points", num_points)
@@ -283,19 +344,23 @@ def _spectral_density(
     num_probes: int,
     num_points: int,
     operator: Operator,
-) -> tuple[jax.Array, jax.Array]:
+) -> SpectralDensity:
     matvec = _matvec(loss, params, operator)
-    probes = _start(params, key, operator.block, (num_probes,))
+    layout = loss.layout.block(operator.block)
+    probes = layout.stack(_start(params, key, operator.block, (num_probes,)))
 
     def quadrature(v0):
-        theta, Y = jnp.linalg.eigh(_lanczos(matvec, v0, m, loss.fori_loop)[0])
+        theta, Y = jnp.linalg.eigh(_lanczos(matvec, v0, m, loss, layout)[0])
         return theta, Y[0] ** 2
 
     if loss.streaming:
-        nodes, weights = map(jnp.stack, zip(*map(quadrature, probes), strict=True))
+        runs = [quadrature(row(probes, p)) for p in range(num_probes)]
+        nodes, weights = map(jnp.stack, zip(*runs, strict=True))
     else:
         nodes, weights = jax.vmap(quadrature)(probes)
     lo, hi = jnp.min(nodes), jnp.max(nodes)
+    if sigma is not None:
+        sigma = valid(sigma)  # a traced sigma out of range gives NaN
     if sigma is None:
         spread = hi - lo
         sigma = 0.01 * jnp.where(spread > 0, spread, jnp.maximum(jnp.abs(hi), 1))
@@ -304,4 +369,62 @@ def _spectral_density(
     grid = jnp.asarray(grid)
     gauss = jnp.exp(-0.5 * ((grid[:, None] - nodes.ravel()[None]) / sigma) ** 2)
     density = gauss @ weights.ravel() / (num_probes * sigma * jnp.sqrt(2 * jnp.pi))
-    return grid, density
+    return SpectralDensity(grid, density, nodes, weights, jnp.asarray(sigma))
+
+
+def plot_spectral_density(
+    densities: SpectralDensity | Mapping[str, SpectralDensity],
+    *,
+    title: str | None = None,
+    log: bool = True,
+    floor: float = 1e-7,
+    xlabel: str = "eigenvalue",
+):
+    """A matplotlib figure of one or several spectral densities on one axis.
+
+    ``densities`` is one :class:`SpectralDensity` or ``{label: SpectralDensity}`` (e.g. SGD
+    against SAM). With ``log=True`` (default) the density is drawn on a log scale, as the bulk
+    near zero and the outliers differ by orders of magnitude (Ghorbani et al. 2019), cut at
+    ``floor`` times the largest value so that the Gaussian tails do not stretch the axis; the
+    Ritz values are marked below the curve. Returns the ``Figure`` (matplotlib is imported here
+    only, so the measures import without it).
+    """
+    import matplotlib.pyplot as plt
+
+    if isinstance(densities, SpectralDensity):
+        densities = {"": densities}
+    if (
+        not isinstance(densities, Mapping)
+        or not densities
+        or not all(isinstance(d, SpectralDensity) for d in densities.values())
+    ):
+        raise TypeError(
+            "densities must be a SpectralDensity (what spectral_density returns) or a "
+            "non-empty {label: SpectralDensity} dict."
+        )
+    positive_number("floor", floor)
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
+    top = max(float(np.max(d.density)) for d in densities.values())
+    for label, d in densities.items():
+        density = np.asarray(d.density)
+        if log:
+            density = np.maximum(density, floor * top)
+        (line,) = ax.plot(np.asarray(d.grid), density, label=label or None)
+        nodes = np.asarray(d.nodes).ravel()
+        # The quadrature nodes, as a rug on the x axis in the curve's colour.
+        ax.plot(
+            nodes,
+            np.zeros_like(nodes),
+            "|",
+            color=line.get_color(),
+            markersize=8,
+            transform=ax.get_xaxis_transform(),
+        )
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(floor * top, 2 * top)
+    ax.set(xlabel=xlabel, ylabel="density")
+    if any(densities):
+        ax.legend()
+    ax.set_title(title or "Spectral density (stochastic Lanczos quadrature)")
+    return fig

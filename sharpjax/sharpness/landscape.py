@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sharpjax.sharpness._batches import DatasetLoss, evaluate
-from sharpjax.sharpness._validate import choice, positive_int, require_key
+from sharpjax.sharpness._tree import Layout, sharded_gaussian
+from sharpjax.sharpness._validate import check_float_params, choice, positive_int, require_key
 
 PyTree = Any
 
@@ -91,14 +92,8 @@ def random_direction(
     include_1d: bool = False,
 ) -> PyTree:
     """A Gaussian direction, normalised by :func:`normalize_direction` (filter-wise by default)."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    gauss = [
-        jax.random.normal(k, jnp.shape(w), jnp.result_type(w))
-        for k, w in zip(keys, leaves, strict=True)
-    ]
     return normalize_direction(
-        jax.tree.unflatten(treedef, gauss),
+        sharded_gaussian(key, params),
         params,
         normalization,
         filter_axis=filter_axis,
@@ -179,6 +174,7 @@ def loss_landscape(
     Returns:
       A :class:`Landscape`; its loss at ``α = β = 0`` is ``L(w)``.
     """
+    check_float_params(params)
     if directions is None:
         require_key(key, "for random directions (or pass directions=)")
         positive_int("num_directions", num_directions)
@@ -222,7 +218,8 @@ def loss_landscape(
         )
     mesh = jnp.meshgrid(*grids, indexing="ij")
     points = jnp.stack([m.ravel() for m in mesh], axis=-1)
-    stacked = jax.tree.map(lambda *ds: jnp.stack(ds), *directions)
+    # The directions in the params' layout (and sharding), stacked along a leading axis.
+    stacked = Layout(params).stack(jax.tree.map(lambda *ds: jnp.stack(ds), *directions))
     n = points.shape[0]
     if chunk_size is not None and chunk_size < n:
         # Padding points sit at the centre; they are computed and dropped.

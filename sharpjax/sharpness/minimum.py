@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sharpjax.sharpness._batches import check_labelled_batch, hashable, labelled_batches
+from sharpjax.sharpness._batches import (
+    Program,
+    check_labelled_batch,
+    is_tracing,
+    labelled_batches,
+    trace,
+)
 from sharpjax.sharpness._validate import choice, positive_int
 from sharpjax.sharpness.diagonal import hessian_diagonal
 
@@ -399,9 +405,11 @@ def minimum_sharpness(
             "sharpness.hessian_diagonal(logits_fn, params, batch)."
         )
     result = _minimise(diagonal, tol, max_iterations, specs=specs, node=granularity == "node")
-    # logits_fn keys the jit cache; an unhashable one runs op by op.
-    change_fn = _output_change_jit if hashable(logits_fn) else _output_change
-    change = change_fn(logits_fn, params, result.log_scales, x_check, specs=specs)
+    if is_tracing(params, x_check, result.log_scales):
+        change = _output_change(logits_fn, params, result.log_scales, x_check, specs=specs)
+    else:  # keyed on logits_fn as traced now, never stale
+        program, consts = trace(logits_fn, params, x_check)
+        change = _output_change_jit(program, consts, params, result.log_scales, x_check, specs)
     result = result._replace(output_change=change)
     if check and not isinstance(change, jax.core.Tracer):
         # Rounding comes from the least precise of the rescaled weights and the logits.
@@ -436,7 +444,9 @@ def _output_change(logits_fn: Callable, params: PyTree, log_scales, x: jax.Array
     return jnp.max(jnp.abs(after - before)) / jnp.where(scale > 0, scale, 1)
 
 
-_output_change_jit = jax.jit(_output_change, static_argnums=(0,), static_argnames="specs")
+@partial(jax.jit, static_argnums=(0, 5))
+def _output_change_jit(program: Program, consts: list, params, log_scales, x, specs):
+    return _output_change(program.bind(consts), params, log_scales, x, specs=specs)
 
 
 def _check_invariance(change: float, eps: float, specs, flatten, granularity, layers) -> None:
