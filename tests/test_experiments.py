@@ -344,6 +344,8 @@ def test_benchmarks_quick_run_json_and_tables(tmp_path):
     assert "old" not in text and "keep" in text and "| sharpjax.sam |" in text
     with pytest.raises(SystemExit, match="unknown benchmark"):
         bench_run.main(["--only", "nope"])
+    with pytest.raises(SystemExit, match="not a config key of steps"):
+        bench_run.main(["--only", "steps", "--set", "nokey=1", "--out", out])
 
 
 def test_readme_benchmark_tables_are_the_stored_json():
