@@ -13,7 +13,7 @@ Cost, two measures, both relative to SGD of the same seed:
   trainer's ``second_gradient`` diagnostic, averaged over the run; 2 for SAM and SANER);
 * measured training time: the median over epochs 2.. of the epoch's training time (no
   evaluation, no compilation), divided by SGD's. The runs are sequential on a shared
-  machine, so this ratio is noisy; ``experiments/bench_steps.py`` times the steps
+  machine, so this ratio is noisy; ``experiments/benchmarks/steps.py`` times the steps
   interleaved.
 
 The variants run with their papers' defaults: LookSAM k = 5, α = 0.7; RST p = 0.5 (and SANER
@@ -183,7 +183,7 @@ def make_tables(config, runs, frontier=None, kept_gain=None) -> str:
         "accuracy − SGD's) / (SAM's − SGD's), means over seeds. On CPU the trainer runs "
         "LookSAM, RST and AE-SAM without `lax.cond` (the decision read on the host, one "
         "program per decision), since XLA:CPU runs a conv gradient inside `lax.cond` many "
-        "times slower (experiments/bench_cond.py); the host round trip per step remains.\n\n"
+        "times slower (experiments/benchmarks/cond.py); the host round trip per step remains.\n\n"
         + common.markdown_table(headers, rows)
     )
 

@@ -492,7 +492,7 @@ def _check_planned(planned: Any, policy: SecondGradientPolicy | None) -> bool | 
     """``second_gradient=True/False`` (a Python bool): the policy's decision, taken before the
     step by the caller (:func:`sharpjax.efficient.planned_step`), which then compiles one
     program per decision instead of a ``lax.cond`` (a conv gradient under ``lax.cond`` is many
-    times slower on XLA:CPU: ``experiments/bench_cond.py``). The policy still updates its
+    times slower on XLA:CPU: ``experiments/benchmarks/cond.py``). The policy still updates its
     state."""
     if planned is not None and not isinstance(planned, bool | np.bool_):
         raise TypeError(
@@ -810,7 +810,7 @@ def _take_or_skip(
     it is known before the step (no policy, or ``planned``), else under ``lax.cond``."""
     if step.setup.policy is None or planned is not None:
         # No decision to take in the program: one branch, no lax.cond (a conv gradient
-        # under lax.cond is many times slower on XLA:CPU: experiments/bench_cond.py).
+        # under lax.cond is many times slower on XLA:CPU: experiments/benchmarks/cond.py).
         branch = _with_second if planned is None or planned else _without_second
         return branch(step, g, p_state, c_state)
     with_second = functools.partial(_with_second, step)
@@ -990,10 +990,10 @@ def sharpness_aware(
         when the micro-batches are sharded over devices (the trainer's per-device mode under
         GSPMD) each device runs its own, where a sequential scan would gather every
         micro-batch onto every device. Same result either way. On XLA:CPU a convolution's
-        gradient inside a scan body runs many times slower than outside it (XLA:CPU
-        canonicalises only the entry computation's convolutions; ``experiments/bench_cond.py``):
-        there ``"parallel"`` is the faster (3.5x for mSAM with m = 8 on a small CNN,
-        ``experiments/bench_steps.py``).
+        gradient inside a scan body runs slower than outside it (XLA:CPU canonicalises only
+        the entry computation's convolutions; ``experiments/benchmarks/cond.py``: 15x on an
+        8x8 CNN, 3x on a 28x28 LeNet): there ``"parallel"`` can be the faster (3.5x for mSAM
+        with m = 8 on the small CNN, ``experiments/benchmarks/steps.py``).
       axis_name: data-parallel axis (pmap / shard_map); None on one device.
       perturbation_mode: with ``axis_name``: ``"per_device"`` (each device perturbs with its
         own gradient, the original SAM), ``"synced"`` (all devices share the perturbation of
@@ -1004,7 +1004,7 @@ def sharpness_aware(
         (the key is left out when not measured). It needs ``g`` alive through the second
         pass: free when the combination reads ``g`` anyway (SANER, GSAM, LookSAM), one
         parameter copy of memory otherwise (SAM's rule; measured with
-        ``experiments/bench_memory.py``). Default None: measured exactly when it is free.
+        ``experiments/benchmarks/memory.py``). Default None: measured exactly when it is free.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes these extra

@@ -26,7 +26,7 @@ from it, then run the update with or without the second gradient
 XLA:CPU this is what makes a skipped step cost one gradient: XLA:CPU rewrites convolutions into
 its fast Eigen form only in a program's entry computation, so the backward convolutions of a
 conv net inside a ``lax.cond`` branch (or a while loop) run as naive loops, 17-29x slower
-(``experiments/bench_cond.py``).
+(``experiments/benchmarks/cond.py``).
 
 Sources and equations: the project's ``docs/algorithms.md``; each constructor's docstring.
 """
@@ -223,7 +223,7 @@ def planned_step(
 
     Why: XLA:CPU rewrites convolutions into its fast (Eigen) form only in the entry
     computation, so a conv gradient inside ``lax.cond`` (or a while loop) runs as a naive loop,
-    many times slower (``experiments/bench_cond.py``). Outside the CPU the ``lax.cond`` step is
+    many times slower (``experiments/benchmarks/cond.py``). Outside the CPU the ``lax.cond`` step is
     as fast, and saves the host wait and a second compilation.
     """
     steps: dict[bool | None, Callable] = {}
