@@ -347,7 +347,16 @@ def _step_parts(
         return train_state, key, hyper["disturbances"] if disturbed else None
 
     def finish(state, sums, new, metrics):
-        new_sums = {k: sums[k] + metrics[k] for k in sums}
+        new_sums = {}
+        for k in sums:
+            if k.startswith(MEASURED):
+                continue
+            if k in TRAIN_SUMS:
+                new_sums[k] = sums[k] + metrics[k]
+            else:  # a diagnostic: NaN means not measured yet (SharpnessAwareState's convention)
+                measured = ~jnp.isnan(metrics[k])
+                new_sums[k] = sums[k] + jnp.where(measured, metrics[k], 0.0)
+                new_sums[MEASURED + k] = sums[MEASURED + k] + measured.astype(jnp.float32)
         new_state = {
             "params": new.params,
             "opt_state": new.opt_state,
@@ -514,9 +523,16 @@ def _compiled(
     return _cached(key, build)
 
 
+# The epoch sums count, for each diagnostic, the steps that measured it (key MEASURED + name).
+MEASURED = "measured:"
+TRAIN_SUMS = ("loss", "accuracy")
+
+
 def _zero_sums(opt_state: Any, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Fresh (distinct, since they are donated) zero accumulators for an epoch, replicated."""
-    names = ("loss", "accuracy", *sharpjax.diagnostics(opt_state))
+    # the step's own loss and accuracy replace the diagnostics' "loss" (the same clean loss)
+    diagnostic_names = tuple(k for k in sharpjax.diagnostics(opt_state) if k not in TRAIN_SUMS)
+    names = (*TRAIN_SUMS, *diagnostic_names, *(MEASURED + k for k in diagnostic_names))
     return parallel.replicate_on(mesh, {name: np.zeros([], np.float32) for name in names})
 
 
@@ -927,8 +943,10 @@ def _epoch_record(run: Run, epoch: int, sums: dict[str, Any]) -> dict[str, Any]:
         "test_accuracy": None,
     }
     for key in sums:
-        if key not in ("loss", "accuracy"):  # the optimizer's diagnostics
-            record[key] = float(sums[key]) / n
+        if key not in TRAIN_SUMS and not key.startswith(MEASURED):
+            # the optimizer's diagnostics: the mean over the steps that measured them
+            measured = float(sums[MEASURED + key])
+            record[key] = float(sums[key]) / measured if measured else None
     return record
 
 
