@@ -372,9 +372,9 @@ def looksam_combination(
         out = jax.tree.map(
             lambda x, v: (x.astype(v.dtype) + scale * v).astype(x.dtype), g, state.g_v
         )
-        # The inner rule reports on skipped steps what its own skip reports.
+        # The inner rule reports on skipped steps what its own skip reports; the core carries
+        # the last measured value of every key a skip leaves out.
         _, inner_state, diag = inner.skip(g, state.inner, count)
-        diag = {k: jnp.zeros([], jnp.float32) for k in inner.diagnostics} | diag
         return out, LookSamState(state.g_v, inner_state), {**diag, "g_v_norm": g_v_norm}
 
     return CombinationRule(init, combine, (*inner.diagnostics, "g_v_norm"), skip)

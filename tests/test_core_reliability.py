@@ -556,11 +556,13 @@ def test_updates_of_another_structure_or_shape_name_updates(setup):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["looksam", "random_sam"])
+@pytest.mark.parametrize("name", ["looksam", "saner_on_looksam", "random_sam"])
 def test_a_skipped_step_carries_the_last_measured_values(setup, name):
     params, batches = setup
     if name == "looksam":
         tx = sharpjax.looksam(RHO, k=2)
+    elif name == "saner_on_looksam":  # the inner rule's masked_fraction is carried too
+        tx = sharpjax.looksam(RHO, k=2, inner=sharpjax.saner_combination(0.5))
     else:  # takes g₂ on step 0 (p = 1), never after (p = 0)
         tx = sharpjax.random_sam(RHO, lambda t: jnp.where(t < 1, 1.0, 0.0), cosine=True)
     state = tx.init(params)
@@ -574,6 +576,8 @@ def test_a_skipped_step_carries_the_last_measured_values(setup, name):
     assert took["second_gradient"] == 1.0 and skipped["second_gradient"] == 0.0
     carried = ("perturbation_norm", "second_grad_norm", "cosine", "perturbed_loss", "sharpness")
     carried += ("loss",)  # no loss= on the second step
+    if name == "saner_on_looksam":
+        carried += ("masked_fraction",)
     for key in carried:
         assert skipped[key] == took[key] and np.isfinite(took[key]), key
     # measured on the skipped step too: its own clean gradient's norm
