@@ -131,10 +131,7 @@ def run(config: dict[str, Any]) -> harness.Record:
         )
         all_loads += loads
         record["rows"] += harness.timing_rows(times, "plain", extra)
-        record.setdefault("models", {})[model] = {
-            "description": p.description,
-            "params": p.num_params,
-        }
+        harness.describe_model(record, model, p)
     print(table(record), flush=True)
     return harness.finish(record, all_loads)
 

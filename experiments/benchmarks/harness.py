@@ -100,6 +100,14 @@ def command_line() -> str:
     return "python " + shlex.join(argv)
 
 
+def describe_model(record: Record, name: str, prepared: Any) -> None:
+    """Records a benchmarked model's description and parameter count under ``models``."""
+    record.setdefault("models", {})[name] = {
+        "description": prepared.description,
+        "params": prepared.num_params,
+    }
+
+
 def finish(record: Record, rounds_load: Sequence[float] | None = None) -> Record:
     """Stamps the load at the end (and the load sampled each round) on ``record``."""
     record["machine"]["load_end"] = load()

@@ -122,10 +122,7 @@ def run(config: dict[str, Any]) -> harness.Record:
             }
             record["rows"].append(row)
             print(f"{model:9s} {name:28s} {row['copies_beyond_sgd']:6.2f}", flush=True)
-        record.setdefault("models", {})[model] = {
-            "description": p.description,
-            "params": p.num_params,
-        }
+        harness.describe_model(record, model, p)
     return harness.finish(record)
 
 

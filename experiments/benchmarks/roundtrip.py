@@ -104,10 +104,7 @@ def run(config: dict[str, Any]) -> harness.Record:
                     "high": float(high),
                 }
         record["rows"] += rows
-        record.setdefault("models", {})[model] = {
-            "description": p.description,
-            "params": p.num_params,
-        }
+        harness.describe_model(record, model, p)
     print(table(record), flush=True)
     return harness.finish(record, all_loads)
 

@@ -306,10 +306,7 @@ def run(config: dict[str, Any]) -> harness.Record:
             row["model"] = model
             row["label"] = label(row["name"])
         record["rows"] += rows
-        record.setdefault("models", {})[model] = {
-            "description": p.description,
-            "params": p.num_params,
-        }
+        harness.describe_model(record, model, p)
         print(table(record, model), flush=True)
     return harness.finish(record, all_loads)
 
