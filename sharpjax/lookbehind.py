@@ -29,6 +29,7 @@ from sharpjax.core import (
     ScalarOrSchedule,
     _check_grad_fn,
     _check_same_structure,
+    _initial_diagnostics,
     check_float_params,
     check_scalar_or_schedule,
     compute_dtype,
@@ -110,7 +111,7 @@ def lookbehind_sam(
             count=jnp.zeros([], jnp.int32),
             base=base.init(params),
             perturbation=rule.init(params),
-            diagnostics={name: jnp.zeros([], jnp.float32) for name in names},
+            diagnostics=_initial_diagnostics(names),
         )
 
     def update_fn(

@@ -25,6 +25,7 @@ from sharpjax.core import (
     ScalarOrSchedule,
     _check_grad_fn,
     _check_same_structure,
+    _initial_diagnostics,
     check_float_params,
     check_scalar_or_schedule,
     compute_dtype,
@@ -98,7 +99,7 @@ def sampa(
             count=jnp.zeros([], jnp.int32),
             y_grad=jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(w)), params),
             started=jnp.zeros([], jnp.bool_),
-            diagnostics={name: jnp.zeros([], jnp.float32) for name in names},
+            diagnostics=_initial_diagnostics(names),
         )
 
     def update_fn(
