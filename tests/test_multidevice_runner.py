@@ -71,7 +71,9 @@ def test_a_failed_script_is_one_traceback_and_one_line_per_later_test(pytester):
     # The child runs from the repo root: let it find the module written in pytester's folder.
     monkeypatch.setenv("PYTHONPATH", str(pytester.path))
     try:
-        result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+        # -rN: no short summary, whose width (and so whether it repeats the message) depends on
+        # the terminal and on the CI variable.
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rN")
     finally:
         monkeypatch.undo()
     result.assert_outcomes(errors=3)
