@@ -94,6 +94,33 @@ def test_cnn1d_accepts_2d_sequences():
     assert out.shape == (2, 10)
 
 
+def test_cnn1d_batch_norm_normalises_and_sam_on_finds_it():
+    import sharpjax
+
+    model = get_model("cnn1d", 10, features=(4,), hidden_sizes=(), batch_norm=True)
+    x = 3.0 + 5.0 * jax.random.normal(jax.random.key(0), (16, 40, 1))
+    variables = model.init(jax.random.key(1), x)
+    params = variables["params"]
+    assert set(params) == {"Conv_0", "BatchNorm_0", "Dense_0"}
+    assert set(params["Conv_0"]) == {"kernel"}  # BatchNorm's shift replaces the conv bias
+    # In train mode the conv output is standardised per channel over batch and length (scale 1,
+    # shift 0 at init): checked through the running statistics it feeds, (1 - 0.9) x batch's.
+    _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    h = jax.lax.conv_general_dilated(
+        x, params["Conv_0"]["kernel"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    stats = state["batch_stats"]["BatchNorm_0"]
+    assert jnp.allclose(stats["mean"], 0.1 * h.mean((0, 1)), rtol=1e-4, atol=1e-5)
+    assert jnp.allclose(stats["var"], 0.9 + 0.1 * h.var((0, 1)), rtol=1e-4)
+    # SAM-ON's preset labels the BatchNorm scale and bias, nothing else.
+    labels = sharpjax.sam_on().labels(params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(labels)}
+    assert {k for k, v in flat.items() if v not in (None, False)} == {
+        "['BatchNorm_0']['bias']",
+        "['BatchNorm_0']['scale']",
+    }
+
+
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [("resnet18", {"width": 1 / 16}), ("wrn16_8", {"depth": 10, "widen_factor": 1})],

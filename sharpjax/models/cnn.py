@@ -3,6 +3,8 @@
 Both are ``Conv + ReLU + max-pool`` stacks followed by ``Dense + ReLU`` layers, with no
 normalisation, so parameters are plain top-level ``Conv_i`` / ``Dense_j`` entries holding
 ``kernel`` and ``bias`` in forward order (what the layer-wise sharpness measures expect).
+``CNN1D(batch_norm=True)`` puts a BatchNorm between each conv and its ReLU (the smallest
+model with normalisation layers, for SAM-ON: ``sharpjax.sam_on()``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sharpjax.models.layers import dense_head
+from sharpjax.models.layers import batch_norm, dense_head
 
 
 class LeNet(nn.Module):
@@ -65,6 +67,9 @@ class CNN1D(nn.Module):
       features: channels of each conv layer.
       hidden_sizes: widths of the dense layers after flattening.
       kernel_size: conv kernel length.
+      batch_norm: conv (without bias) → BatchNorm → ReLU in every conv layer, with the
+        ResNets' BatchNorm conventions (``batch_stats``, running averages when
+        ``train=False``); parameters ``BatchNorm_i`` beside ``Conv_i``.
       dtype: computation dtype.
       param_dtype: parameter dtype.
     """
@@ -73,17 +78,20 @@ class CNN1D(nn.Module):
     features: Sequence[int] = (32, 32, 32)
     hidden_sizes: Sequence[int] = (128,)
     kernel_size: int = 5
+    batch_norm: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no dropout or normalisation
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = jnp.asarray(x, self.dtype)
         if x.ndim == 2:  # (N, L) → (N, L, 1): one input channel
             x = x[..., None]
         for ch in self.features:
-            x = nn.relu(nn.Conv(ch, (self.kernel_size,), **kw)(x))
-            x = nn.max_pool(x, (2,), strides=(2,))
+            # BatchNorm's shift makes the conv bias redundant.
+            x = nn.Conv(ch, (self.kernel_size,), use_bias=not self.batch_norm, **kw)(x)
+            if self.batch_norm:
+                x = batch_norm(train, axis_name=None, **kw)(x)
+            x = nn.max_pool(nn.relu(x), (2,), strides=(2,))
         return dense_head(x, self.hidden_sizes, self.num_classes, **kw)
