@@ -65,7 +65,7 @@ from sharpjax.perturbations import (
     sam_perturbation,
     vasso_perturbation,
 )
-from sharpjax.sampa import sampa
+from sharpjax.sampa import sampa, sampa_mesh
 
 __version__ = "0.1.0"
 
@@ -116,6 +116,7 @@ __all__ = [
     "sam_on",
     "sam_perturbation",
     "sampa",
+    "sampa_mesh",
     "saner",
     "saner_combination",
     "saner_mask",

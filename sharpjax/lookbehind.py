@@ -14,6 +14,12 @@ base optimizer on fast weights, then a Lookahead-style interpolation of the slow
 It needs the base optimizer inside (the fast weights step with it), so it is a whole optimizer,
 not a transformation chained before one. With k = 1 and α = 1 it is SAM with that base
 optimizer.
+
+Checked against the paper and the authors' code (chandar-lab/Lookbehind-SAM,
+``LookbehindSAM``): the same equations; the base optimizer's state (momentum) runs on across
+steps and the fast weights restart at the new slow weights. The code computes the gradient at
+each ascent point twice (once to descend, once to ascend from it: 2k gradients per step);
+here it is taken once and used for both (k + 1), the same numbers.
 """
 
 from __future__ import annotations

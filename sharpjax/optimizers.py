@@ -428,6 +428,8 @@ def wsam(
 
     ``0 ≤ γ < 1``: γ = 0 is the base optimizer, γ = 1/2 is SAM (coupled). Defaults ρ = 0.05,
     γ = 0.9 (the authors' code). The diagnostics carry ``sharpness_weight`` (coupled form).
+    Both forms match kozistr/pytorch_optimizer's ``WSAM`` (``decouple=False``/``True``): with
+    α = γ/(1 − γ), ``α g₂ + (1 − α) g``, or the base step on g then ``w −= η α (g₂ − g)``.
     """
     check_wsam_gamma(gamma)
     rule = _grouped(perturbation or sam_perturbation(), groups)

@@ -118,8 +118,9 @@ def friendly_perturbation(
     g_0`` and ``d_0 = g_0``; afterwards ``d_t = g_t − σ m_{t−1}`` (the average *before* this
     gradient), then ``m_t = λ m_{t−1} + (1 − λ) g_t``. Both take SAM's step at t = 0 and are
     SAM for σ = 0; with λ = 0 the paper's reading is SAM for σ < 1 (``d = (1 − σ) g``) and the
-    code's is ``d_t = g_t − σ g_{t−1}``. Defaults σ = 1, λ = 0.9 (the code's; the paper's
-    CIFAR runs also use λ = 0.6 and 0.95). Reports ``m_norm`` (‖m_t‖).
+    code's is ``d_t = g_t − σ g_{t−1}``. Defaults σ = 1, λ = 0.9 (the code's ``FriendlySAM``
+    class; its ``train.py`` defaults to λ = 0.95 and its ``run.sh`` runs λ = 0.6 at ρ = 0.2).
+    Reports ``m_norm`` (‖m_t‖).
     """
     check_constant("sigma", sigma)
     check_constant("lmbda", lmbda)

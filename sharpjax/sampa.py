@@ -9,7 +9,24 @@ takes ε from the gradient at an auxiliary point ``y_t`` computed in the previou
     x_{t+1} = x_t − η_t [(1 − λ) ∇f(x̃_t) + λ ∇f(y_{t+1})]
 
 ``∇f(x̃_t)`` and ``∇f(y_{t+1})`` both depend only on ``x_t`` and ``∇f(y_t)``, so they can be
-computed at the same time.
+computed at the same time: on a mesh with a ``pair`` axis of size 2 (:func:`sampa_mesh`), each
+half of the devices computes one of them (``execution="parallel"``).
+
+Checked against the paper's equations (above) and the authors' code (LIONS-EPFL/SAMPa
+``train.py``, two ranks), which differs in three places; this module follows the paper:
+
+* the auxiliary step: the code steps y with the base optimizer's own update at ``x_t``
+  (SGD: ``y_{t+1} = x_t − η (∇f(y_t) + μ b_t + wd x_t)``, its momentum buffer and weight
+  decay), the paper with ``η ∇f(y_t)``. Both readings are the same with plain SGD (μ = 0,
+  no weight decay), the setting of the paper's analysis;
+* the batches: the code takes ``∇f(x̃_t)`` on the previous step's batch (the one ``∇f(y_t)``
+  came from) and ``∇f(y_{t+1})`` on this step's; here both take the step's batch
+  (``grad_fn``), as the equations read;
+* the first step: the code starts from ``∇f(y_0) = 0`` (ε = 0 and ``y_1 = x_0``), the
+  paper from ``y_0 = x_0`` (``∇f(y_0) = ∇f(x_0)``, one extra gradient at step 0).
+
+Both readings reduce alike: ρ = 0, λ = 0 is the base optimizer (``x̃_t = x_t``); λ = 0 is
+plain SAMPa; λ = 1 steps on ``∇f(y_{t+1})`` alone, whatever ρ.
 """
 
 from __future__ import annotations
@@ -18,7 +35,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharpjax.core import (
     NORM_EPS,
@@ -34,9 +54,10 @@ from sharpjax.core import (
     tree_vdot,
 )
 
-__all__ = ["SampaState", "sampa"]
+__all__ = ["SampaState", "sampa", "sampa_mesh"]
 
-EXECUTIONS = ("sequential", "vmap")
+EXECUTIONS = ("sequential", "vmap", "parallel")
+PAIR_AXIS = "pair"
 
 
 class SampaState(NamedTuple):
@@ -55,6 +76,8 @@ def sampa(
     lam: float = 0.2,
     *,
     execution: str = "sequential",
+    mesh: Mesh | None = None,
+    pair_axis: str = PAIR_AXIS,
 ) -> optax.GradientTransformationExtraArgs:
     """SAMPa (Xie et al., NeurIPS 2024): the equations in this module's docstring.
 
@@ -70,14 +93,25 @@ def sampa(
     (plus ∇f(y_0) = ∇f(x_0) once, at step 0, under ``lax.cond``). Memory: ∇f(y_t) is kept
     between steps (one parameter copy more than SAM).
 
-    Execution: ``"sequential"`` (default) computes the two gradients one after the other on
-    one device: correct, SAM's time. ``"vmap"`` stacks the two points and calls ``grad_fn``
-    once under ``jax.vmap``: the same numbers, one program that evaluates both (twice the
-    activation memory). Running them at once, as the paper intends, needs two device groups:
-    shard that stacked axis of size 2 over a mesh axis of two groups (each group holding a
-    copy of the params and the batch), so that each group computes one gradient, and gather
-    the two results (one all-gather of a gradient) before the combination; that gives about
-    SGD's wall clock on twice the devices. That sharded layout is not implemented here.
+    Execution: ``"sequential"`` (default) computes the two gradients one after the other:
+    correct, SAM's time. ``"vmap"`` stacks the two points and calls ``grad_fn`` once under
+    ``jax.vmap``: the same numbers, one program that evaluates both (twice the activation
+    memory). ``"parallel"`` (with ``mesh``) is the form the paper is named for: the stacked
+    axis of size 2 is sharded over the mesh axis ``pair_axis`` (size 2), so each half of the
+    devices computes one gradient, data-parallel over its other axes, under ``jax.jit``
+    (GSPMD partitions the step; ``grad_fn`` is unchanged). Each half holds the params and the
+    whole batch's shards along the other axes (the batch replicated over ``pair_axis``), and
+    the two results meet in one gradient-sized exchange before the combination. Per device, a
+    step then costs one gradient plus that exchange: about SGD's time on twice SGD's devices.
+    Build the mesh with :func:`sampa_mesh`; a mesh whose ``pair_axis`` has size 1 (one
+    device) gives the sequential form. Step 0's ``∇f(x_0)`` runs on every device.
+
+    ::
+
+        mesh = sharpjax.sampa_mesh()  # ("pair", "batch") = (2, n/2)
+        tx = optax.chain(sharpjax.sampa(0.1, execution="parallel", mesh=mesh), optax.sgd(0.1))
+        batch = jax.device_put(batch, NamedSharding(mesh, P("batch")))
+        # in a jitted step: tx.update(grads, state, params, grad_fn=lambda p: grad(p, batch))
 
     Defaults: λ = 0.2 (the paper's SAMPa-0.2), ρ = 0.05 (SAM's; tune as for SAM). λ = 0 is
     plain SAMPa; ρ = 0 with λ = 0 is the base optimizer. Diagnostics: ``grad_norm`` (‖∇f(y_t)‖),
@@ -91,6 +125,9 @@ def sampa(
     check_scalar_or_schedule("lam", lam, 0.0, 1.0)
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}.")
+    pair = _pair_sharding(execution, mesh, pair_axis)
+    if execution == "parallel" and pair is None:
+        execution = "sequential"  # one device group: nothing to run at once
     names = ("grad_norm", "second_grad_norm", "y_grad_norm", "cosine", "rho")
 
     def init_fn(params):
@@ -127,14 +164,18 @@ def sampa(
                 lambda w, d: (w.astype(d.dtype) + scale * d).astype(w.dtype), params, y_grad
             )
 
-        perturbed, y_next = moved(factor), moved(-lr_t)
-        if execution == "vmap":
-            stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), perturbed, y_next)
-            both = jax.vmap(gradient)(stacked)
-            g_tilde = jax.tree.map(lambda x: x[0], both)
-            g_y = jax.tree.map(lambda x: x[1], both)
+        if execution == "sequential":
+            g_tilde, g_y = gradient(moved(factor)), gradient(moved(-lr_t))
         else:
-            g_tilde, g_y = gradient(perturbed), gradient(y_next)
+            # One batched program over the pair; "parallel" splits its axis over the two
+            # device groups. Each group builds only its own point from the replicated x_t
+            # and ∇f(y_t) (the scales are split), so no point is shipped.
+            def split(tree):
+                return tree if pair is None else jax.lax.with_sharding_constraint(tree, pair)
+
+            scales = split(jnp.stack([factor, -lr_t]))
+            both = split(jax.vmap(gradient)(split(jax.vmap(moved)(scales))))
+            g_tilde, g_y = (jax.tree.map(lambda x, i=i: x[i], both) for i in (0, 1))
         out = jax.tree.map(
             lambda a, b, u: ((1.0 - lam) * a + lam * b).astype(u.dtype), g_tilde, g_y, updates
         )
@@ -152,3 +193,52 @@ def sampa(
         return out, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _pair_sharding(execution: str, mesh: Mesh | None, pair_axis: str) -> NamedSharding | None:
+    """The sharding that splits the stacked pair over ``pair_axis``; None for one group."""
+    if execution != "parallel":
+        if mesh is not None:
+            raise ValueError(
+                f'mesh is for execution="parallel" (got execution={execution!r}): pass both, or '
+                "drop mesh."
+            )
+        return None
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            'execution="parallel" needs mesh, a jax.sharding.Mesh with a pair axis of size 2 '
+            f"(sharpjax.sampa_mesh() builds one), got {type(mesh).__name__}."
+        )
+    if pair_axis not in mesh.shape:
+        raise ValueError(
+            f"pair_axis={pair_axis!r} is not an axis of the mesh (axes {tuple(mesh.shape)}): "
+            "name the axis of size 2 that splits the devices into the two groups."
+        )
+    size = mesh.shape[pair_axis]
+    if size not in (1, 2):
+        raise ValueError(
+            f"the mesh axis pair_axis={pair_axis!r} has size {size}; SAMPa has two gradients, "
+            "so it must have size 2 (or 1: one group, the sequential form)."
+        )
+    return NamedSharding(mesh, P(pair_axis)) if size == 2 else None
+
+
+def sampa_mesh(
+    num_devices: int | None = None, *, pair_axis: str = PAIR_AXIS, batch_axis: str = "batch"
+) -> Mesh:
+    """The mesh ``(pair_axis, batch_axis) = (2, n/2)`` over the first ``num_devices`` devices
+    (default all), for ``sampa(..., execution="parallel", mesh=mesh)``: each half of the
+    devices computes one of SAMPa's two gradients, data-parallel over ``batch_axis`` (shard
+    the batch with ``NamedSharding(mesh, P(batch_axis))``). With one device: ``(1, 1)``, for
+    which ``sampa`` runs its sequential form.
+    """
+    from sharpjax.parallel import _mesh_devices  # the checked device list; parallel is heavy
+
+    devices = _mesh_devices(num_devices)
+    if len(devices) > 1 and len(devices) % 2:
+        raise ValueError(
+            f"sampa_mesh needs an even number of devices (two equal groups), got "
+            f"{len(devices)}: pass num_devices={len(devices) - 1}."
+        )
+    groups = 2 if len(devices) > 1 else 1
+    return Mesh(np.array(devices).reshape(groups, -1), (pair_axis, batch_axis))

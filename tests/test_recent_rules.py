@@ -238,12 +238,23 @@ def flat_sampa(params, batches, rho, lam):
     return np.stack(trajectory)
 
 
-@pytest.mark.parametrize("execution", ["sequential", "vmap"])
+@pytest.mark.parametrize("execution", ["sequential", "vmap", "parallel"])
 def test_sampa_equals_its_equation(setup, execution):
+    """ "parallel" on this one device: sampa_mesh() is (pair, batch) = (1, 1), the sequential
+    form (the 8-device split is tests/test_parallel.py's)."""
     params, batches = setup
-    tx = optax.chain(sharpjax.sampa(LR, RHO, lam=0.2, execution=execution), optax.sgd(LR))
-    got, _ = run_chain(tx, params, batches)
+    mesh = sharpjax.sampa_mesh() if execution == "parallel" else None
+    assert execution != "parallel" or dict(mesh.shape) == {"pair": 1, "batch": 1}
+    tx = sharpjax.sampa(LR, RHO, lam=0.2, execution=execution, mesh=mesh)
+    got, _ = run_chain(optax.chain(tx, optax.sgd(LR)), params, batches)
     close(got, flat_sampa(params, batches, RHO, 0.2), momentum=0)
+
+
+def test_sampa_with_lambda_one_ignores_rho(setup):
+    """λ = 1: x_{t+1} = x_t − η ∇f(x_t − η ∇f(y_t)), the equation at ρ = 0."""
+    params, batches = setup
+    tx = optax.chain(sharpjax.sampa(LR, 3 * RHO, lam=1.0), optax.sgd(LR))
+    close(run_chain(tx, params, batches)[0], flat_sampa(params, batches, 0.0, 1.0), momentum=0)
 
 
 def test_sampa_without_radius_and_lambda_is_sgd(setup):
@@ -281,6 +292,17 @@ def test_sampa_without_radius_and_lambda_is_sgd(setup):
         (lambda: sharpjax.sampa(0.1, lam=1.5), ValueError, "lam must be finite and lie in"),
         (lambda: sharpjax.sampa(-0.1), ValueError, "learning_rate must be finite"),
         (lambda: sharpjax.sampa(0.1, execution="mesh"), ValueError, "execution must be one of"),
+        (lambda: sharpjax.sampa(0.1, execution="parallel"), ValueError, "needs mesh"),
+        (
+            lambda: sharpjax.sampa(0.1, mesh=sharpjax.sampa_mesh()),
+            ValueError,
+            'mesh is for execution="parallel"',
+        ),
+        (
+            lambda: sharpjax.sampa(0.1, execution="parallel", mesh=sharpjax.parallel.make_mesh()),
+            ValueError,
+            "pair_axis='pair' is not an axis of the mesh",
+        ),
         (lambda: sharpjax.late_phase_sam(100, start_fraction=1.5), ValueError, "start_fraction"),
         (lambda: sharpjax.late_phase_sam(0), ValueError, "total_steps must be an int"),
         (
