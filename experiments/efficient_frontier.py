@@ -23,12 +23,18 @@ without its data selection: still a whole second pass). Momentum-SAM is not in t
 (its loop holds the perturbed weights) and not here.
 
 Presets: ``default`` (8 optimizers x 3 seeds, 30 epochs; about 15 min on 2 busy cores),
-``tiny`` (seconds, for the tests). Outputs (``--out``, default
+``recent_bn`` (SGD, SAM, SAM-ON and the recent rules F-SAM, WSAM, late-phase SAM, SAMPa and
+Lookbehind-SAM on the 1-D CNN with BatchNorm, since SAM-ON perturbs only normalisation
+layers; SAM-ON at ρ = 1.0, 10x SAM's as its paper advises; 24 runs), ``tiny`` (seconds, for
+the tests). Outputs (``--out``, default
 ``runs/efficient_frontier/<preset>/``; the README's results are ``results/efficient_frontier``):
 ``summary.json``, ``table.md``, ``runs/*.json``, ``frontier.png``.
 
     python experiments/efficient_frontier.py --out results/efficient_frontier
     python experiments/efficient_frontier.py --out results/efficient_frontier --report
+    python experiments/efficient_frontier.py --optimizers sgd sam fsam wsam late_phase_sam \
+        sampa lookbehind_sam --out results/efficient_frontier_recent
+    python experiments/efficient_frontier.py --preset recent_bn --out results/efficient_frontier_bn
 """
 
 from __future__ import annotations
@@ -58,8 +64,9 @@ NAMES = {
 # takes k = 2 gradients after the clean one (sharpjax.train.config.make_optimizer).
 EXTRA_GRADIENTS = {"lookbehind_sam": 2.0}
 # The recent rules (issue 20), run with `--optimizers sgd sam fsam wsam late_phase_sam sampa
-# lookbehind_sam`; SAM-ON needs normalisation layers, which the default CNN1D does not have.
-RECENT = ["fsam", "wsam", "late_phase_sam", "sampa", "lookbehind_sam"]
+# lookbehind_sam`; SAM-ON needs normalisation layers, which the default CNN1D does not have:
+# preset recent_bn (the 1-D CNN with BatchNorm).
+RECENT = label_noise.RECENT
 # The runs keep, besides the label-noise experiment's history, the two cost measures' inputs.
 label_noise.HISTORY_KEYS = (*label_noise.HISTORY_KEYS, "second_gradient", "train_time")
 
@@ -81,6 +88,8 @@ DEFAULT: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
+    # SAM-ON, SAM and the recent rules on the 1-D CNN with BatchNorm (label_noise's recent_bn).
+    "recent_bn": {**DEFAULT, **label_noise.PRESETS["recent_bn"]},
     "tiny": {
         **label_noise.PRESETS["tiny"],
         "optimizers": ["sgd", "sam", "looksam", "random_sam"],

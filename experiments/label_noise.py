@@ -49,8 +49,10 @@ run with its history; enough for ``--report``), ``table.md``, ``test_accuracy.pn
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +76,15 @@ NAMES = {
     "late_phase_sam": "late-phase SAM",
     "sampa": "SAMPa",
     "lookbehind_sam": "Lookbehind-SAM",
+    "sam_on": "SAM-ON",
 }
+# SAM-ON (Müller, Vlaar, Rolnick & Hein, NeurIPS 2023): SAM on the normalisation layers only,
+# ε normalised over them, at its own ρ (``sam_on_rho``; the paper's is about 10x SAM's). The
+# trainer has no optimizer name for parameter groups, so a SAM-ON run is the trainer's "sam"
+# run with its SAM transformation built with ``groups=sharpjax.sam_on()``
+# (:func:`grouped_optimizer`). It needs a model with normalisation layers, e.g. the 1-D CNN
+# with BatchNorm: ``--model_kwargs '{"batch_norm": true}'``.
+GROUPED = {"sam_on": "sam"}
 # History keys kept in the per-run JSON (the library's metrics, see sharpjax.train.metrics).
 HISTORY_KEYS = (
     "epoch",
@@ -117,6 +127,7 @@ DEFAULT: dict[str, Any] = {
     "lr_schedule": "cosine",
     "rho": 0.1,
     "asam_rho": 0.5,
+    "sam_on_rho": 1.0,
     "theta": 0.9,
     "saner_alpha": 0.5,
     "saner_warmup_epochs": 8,
@@ -137,7 +148,8 @@ HELP = {
     "model_kwargs": "JSON keyword arguments of the model, e.g. '{\"hidden_sizes\": [64]}'",
     "augment": "random crop + flip of 32x32 images",
     "optimizers": "optimizers run under every noise setting (sgd sam asam vasso saner "
-    "saner_vasso saner_asam gsam msam)",
+    "saner_vasso saner_asam gsam msam fsam wsam late_phase_sam sampa lookbehind_sam; sam_on "
+    "with a model that has normalisation layers)",
     "extra_optimizers": "optimizers run only under the settings of --extra_noise",
     "extra_noise": "noise settings of the extra optimizers",
     "noise": "label-noise settings KIND:RATE, KIND symmetric or asymmetric (pair flip)",
@@ -150,6 +162,7 @@ HELP = {
     "lr_schedule": "learning-rate schedule: cosine or constant",
     "rho": "perturbation radius of SAM, VaSSO, SANER, SANER on VaSSO and GSAM",
     "asam_rho": "perturbation radius of ASAM (on the |w|-rescaled scale)",
+    "sam_on_rho": "perturbation radius of SAM-ON (normalisation layers only; about 10x rho)",
     "theta": "VaSSO's averaging weight θ of the current gradient",
     "saner_alpha": "SANER's down-weighting factor α after its warm-up",
     "saner_warmup_epochs": "epochs over which SANER's α goes linearly from 1 to saner_alpha",
@@ -162,6 +175,9 @@ HELP = {
     "reuse": "reuse a finished run stored in OUT/runs/ when its config is identical",
     "out": "output folder",
 }
+
+# The recent rules of issue 20 (docs/algorithms.md "Recent rules").
+RECENT = ["fsam", "wsam", "late_phase_sam", "sampa", "lookbehind_sam"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
@@ -207,8 +223,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `--optimizers sgd sam fsam wsam late_phase_sam sampa lookbehind_sam` (same setup).
     "recent": {
         **DEFAULT,
-        "extra_optimizers": ["fsam", "wsam", "late_phase_sam", "sampa", "lookbehind_sam"],
+        "extra_optimizers": list(RECENT),
         "extra_noise": ["symmetric:0.4"],
+    },
+    # Reduced for a shared CPU (issue 20 item 4): SAM-ON beside SAM and the recent rules at
+    # 40 % symmetric noise only, on the 1-D CNN with BatchNorm (SAM-ON perturbs only the
+    # normalisation layers, which the plain 1-D CNN lacks): 8 optimizers x 3 seeds.
+    "recent_bn": {
+        **DEFAULT,
+        "model_kwargs": {"batch_norm": True},
+        "optimizers": ["sgd", "sam", "sam_on", *RECENT],
+        "extra_optimizers": [],
+        "extra_noise": [],
+        "noise": ["symmetric:0.4"],
     },
     "tiny": {
         **DEFAULT,
@@ -278,7 +305,9 @@ def train_config(config: dict[str, Any], optimizer: str, setting: str, seed: int
 
     kind, rate = parse_noise(setting)
     rho = None
-    if optimizer not in ("sgd", "adamw"):
+    if optimizer in GROUPED:
+        rho = config[f"{optimizer}_rho"]
+    elif optimizer not in ("sgd", "adamw"):
         rho = config["asam_rho"] if optimizer in ("asam", "saner_asam") else config["rho"]
     alpha = None
     if optimizer.startswith("saner"):
@@ -298,7 +327,7 @@ def train_config(config: dict[str, Any], optimizer: str, setting: str, seed: int
         augment=config["augment"],
         model=config["model"],
         model_kwargs=dict(config["model_kwargs"]),
-        optimizer=optimizer,
+        optimizer=GROUPED.get(optimizer, optimizer),
         rho=rho,
         alpha=alpha,
         theta=config["theta"],
@@ -321,6 +350,42 @@ def train_config(config: dict[str, Any], optimizer: str, setting: str, seed: int
 def run_id(optimizer: str, setting: str, seed: int) -> str:
     kind, rate = parse_noise(setting)
     return f"{optimizer}__{kind}{round(100 * rate):02d}__seed{seed}"
+
+
+@contextlib.contextmanager
+def grouped_optimizer(optimizer: str) -> Iterator[None]:
+    """Within the block, the trainer builds SAM with ``optimizer``'s parameter groups
+    (``sam_on``: ``sharpjax.sam(rho, groups=sharpjax.sam_on())``) before the config's weight
+    decay and SGD; a no-op for the other optimizers. The trainer's compiled-step cache is
+    emptied on entry and exit, so no plain SAM step is reused for a grouped run or back."""
+    if optimizer not in GROUPED:
+        yield
+        return
+    import optax
+
+    import sharpjax
+    from sharpjax.train import loop
+
+    groups = {"sam_on": sharpjax.sam_on}[optimizer]()
+    original = loop.make_optimizer
+
+    def make_optimizer(config, steps_per_epoch, *, num_microbatches=None, **kwargs):
+        if config.optimizer != GROUPED[optimizer] or (num_microbatches or 1) > 1:
+            raise ValueError(
+                f"{optimizer} runs as one-device 'sam' (no micro-batches); got "
+                f"optimizer={config.optimizer!r}, num_microbatches={num_microbatches}."
+            )
+        base = original(config.replace(optimizer="sgd", rho=None), steps_per_epoch)
+        sharpness = sharpjax.sam(config.rho, groups=groups, cosine=config.measure_cosine)
+        return optax.chain(sharpness, base)
+
+    loop._CACHE.clear()
+    loop.make_optimizer = make_optimizer
+    try:
+        yield
+    finally:
+        loop.make_optimizer = original
+        loop._CACHE.clear()
 
 
 def summarise(result, wall_seconds: float) -> dict[str, Any]:
@@ -369,6 +434,8 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
     for opt, setting, seed in grid:
         tc = train_config(config, opt, setting, seed)
         run_config = {k: v for k, v in tc.to_dict().items() if k not in ("progress", "workdir")}
+        if opt in GROUPED:  # the trainer's config says "sam"; the groups make it SAM-ON
+            run_config["groups"] = opt
         path = os.path.join(out, "runs", f"{run_id(opt, setting, seed)}.json")
         name = f"{NAMES.get(opt, opt)}, {noise_label(setting)}, seed {seed}"
         cached = common.load_cached_run(path, run_config) if config["reuse"] else None
@@ -388,7 +455,8 @@ def run_all(config: dict[str, Any], out: str) -> list[dict[str, Any]]:
             )
             loaded = ((setting, seed), dataset)
         watch = common.Stopwatch()
-        result = train(tc, loaded[1])
+        with grouped_optimizer(opt):
+            result = train(tc, loaded[1])
         compiled.add(opt)
         record = {
             "id": run_id(opt, setting, seed),

@@ -222,6 +222,32 @@ def test_label_noise_presets_are_valid_configs():
     assert main["optimizers"] == ["sgd", "sam", "vasso", "saner"]
     assert main["noise"] == ["symmetric:0.4"] and len(main["seeds"]) >= 2
 
+    # A SAM-ON run is the trainer's SAM with sam_on() groups: the second gradient is taken at
+    # w + ε with ε = ρ g_S / ‖g_S‖ on the BatchNorm parameters S and 0 elsewhere.
+    import jax
+    import jax.numpy as jnp
+
+    from sharpjax.models import get_model
+    from sharpjax.train import loop
+
+    config = {**label_noise.PRESETS["recent_bn"], "preset": "recent_bn"}
+    tc = label_noise.train_config(config, "sam_on", "symmetric:0.4", 0)
+    assert (tc.optimizer, tc.rho, tc.model_kwargs) == ("sam", 1.0, {"batch_norm": True})
+    original = loop.make_optimizer
+    with label_noise.grouped_optimizer("sam_on"):
+        tx = loop.make_optimizer(tc, 10)
+    assert loop.make_optimizer is original
+    model = get_model("cnn1d", 10, features=(2,), hidden_sizes=(), batch_norm=True)
+    params = model.init(jax.random.key(0), jnp.ones((4, 40)))["params"]
+    grads = jax.tree.map(lambda p: jnp.arange(1.0, p.size + 1).reshape(p.shape), params)
+    seen = []
+    tx.update(grads, tx.init(params), params, grad_fn=lambda w: seen.append(w) or grads)
+    eps = jax.tree.map(lambda a, b: a - b, seen[0], params)
+    norm_s = math.sqrt(sum(float(jnp.sum(g**2)) for g in grads["BatchNorm_0"].values()))
+    for name, leaf in grads["BatchNorm_0"].items():
+        assert jnp.allclose(eps["BatchNorm_0"][name], leaf / norm_s, rtol=1e-5, atol=1e-6)
+    assert all(not jnp.any(eps[layer]["kernel"]) for layer in ("Conv_0", "Dense_0"))
+
 
 def test_noisy_training_tiny(tmp_path):
     out = str(tmp_path / "noisy")
