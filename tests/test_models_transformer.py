@@ -447,3 +447,53 @@ def test_sgd_lowers_the_loss_on_synthetic_cifar():
     x = (x - x.mean()) / x.std()
     losses = sgd_losses(get_model("vit_micro", 10, **VIT), x, jnp.asarray(y), 10, 0.05)
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Rematerialised and scanned blocks: the same function of the same parameters.
+# ---------------------------------------------------------------------------------------
+
+
+def test_remat_and_scanned_vit_equal_the_plain_vit_in_loss_and_gradients():
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+    y = jnp.array([0, 4, 2])
+    plain = get_model("vit_micro", 5, **VIT, patch_size=4)
+    params = jittered(jax.eval_shape(plain.init, jax.random.key(0), x))["params"]
+    depth = VIT["depth"]
+
+    def stacked(p):
+        # The plain tree with block0..block{depth-1} stacked along a leading `layers` axis.
+        rest = {k: v for k, v in p.items() if not k.startswith("block")}
+        blocks = [p[f"block{i}"] for i in range(depth)]
+        return {**rest, "blocks": jax.tree.map(lambda *b: jnp.stack(b), *blocks)}
+
+    def loss_and_grad(model, p):
+        def loss(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return jax.jit(jax.value_and_grad(loss))(p)
+
+    ref_loss, ref_grad = loss_and_grad(plain, params)
+    for options in ({"remat": True}, {"scan_blocks": True}, {"scan_blocks": True, "remat": True}):
+        model = get_model("vit_micro", 5, **VIT, patch_size=4, **options)
+        scan = options.get("scan_blocks", False)
+        p = stacked(params) if scan else params
+        # The scanned tree is the plain one stacked: same leaves, one leading axis of `depth`.
+        abstract = part.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+        assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(jnp.shape, p), options
+        loss, grad = loss_and_grad(model, p)
+        # The same float32 operations in the same order, only fused or scheduled differently
+        # (and recomputed under remat): each side is within the reference test's bound of the
+        # exact value (500 eps relative to the largest magnitude), so they are within twice it.
+        np.testing.assert_allclose(loss, ref_loss, rtol=0, atol=1000 * EPS32 * (1 + abs(ref_loss)))
+        want = stacked(ref_grad) if scan else ref_grad
+        for g, w in zip(jax.tree.leaves(grad), jax.tree.leaves(want), strict=True):
+            tol = 1000 * EPS32 * (1 + float(jnp.abs(w).max()))
+            np.testing.assert_allclose(g, w, rtol=0, atol=tol, err_msg=str(options))
+        # With scan, each block's annotations gain the `layers` axis, which no rule splits.
+        if scan:
+            specs = part.param_partition_specs(
+                jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+            )
+            assert specs["blocks"]["mlp"]["fc1"]["kernel"] == PartitionSpec(None, "fsdp", "model")
