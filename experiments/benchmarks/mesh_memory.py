@@ -51,11 +51,11 @@ QUICK: dict[str, Any] = {
 # name → (model, abstract input of the whole batch, number of classes)
 MODELS = {
     "vit_b16": lambda b: (
-        get_model("vit_b", 1000, patch_size=16),
+        get_model("vit_b", 1000, patch_size=16, scan_blocks=True, remat=True),
         jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.float32),
     ),
     "vit_s_2blocks": lambda b: (
-        get_model("vit_s", 10, depth=2),
+        get_model("vit_s", 10, depth=2, scan_blocks=True, remat=True),
         jax.ShapeDtypeStruct((b, 32, 32, 3), jnp.float32),
     ),
     "transformer_1b": lambda b: (
