@@ -22,8 +22,9 @@ Checked against the paper's equations (above) and the authors' code (LIONS-EPFL/
 * the batches: the code takes ``∇f(x̃_t)`` on the previous step's batch (the one ``∇f(y_t)``
   came from) and ``∇f(y_{t+1})`` on this step's; here both take the step's batch
   (``grad_fn``), as the equations read;
-* the first step: the code starts from ``∇f(y_0) = 0`` (ε = 0 and ``y_1 = x_0``), the
-  paper from ``y_0 = x_0`` (``∇f(y_0) = ∇f(x_0)``, one extra gradient at step 0).
+* the first step: the code starts from ``∇f(y_0) = 0`` (ε = 0 and ``y_1 = x_0``); here
+  ``y_0 = x_0`` (``∇f(y_0) = ∇f(x_0)``, one extra gradient at step 0), which we read as the
+  paper's start (its equations, as in its README, do not show y_0; not checked in its text).
 
 Both readings reduce alike: ρ = 0, λ = 0 is the base optimizer (``x̃_t = x_t``); λ = 0 is
 plain SAMPa; λ = 1 steps on ``∇f(y_{t+1})`` alone, whatever ρ.
@@ -103,8 +104,9 @@ def sampa(
     whole batch's shards along the other axes (the batch replicated over ``pair_axis``), and
     the two results meet in one gradient-sized exchange before the combination. Per device, a
     step then costs one gradient plus that exchange: about SGD's time on twice SGD's devices.
-    Build the mesh with :func:`sampa_mesh`; a mesh whose ``pair_axis`` has size 1 (one
-    device) gives the sequential form. Step 0's ``∇f(x_0)`` runs on every device.
+    Build the mesh with :func:`sampa_mesh` (or ``jax.make_mesh``: Auto and Explicit axes both
+    work); a mesh whose ``pair_axis`` has size 1 (one device) gives the sequential form.
+    Step 0's ``∇f(x_0)`` runs on every device.
 
     ::
 
@@ -128,6 +130,10 @@ def sampa(
     pair = _pair_sharding(execution, mesh, pair_axis)
     if execution == "parallel" and pair is None:
         execution = "sequential"  # one device group: nothing to run at once
+    explicit = pair is not None and (
+        dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[pair_axis]
+        == jax.sharding.AxisType.Explicit
+    )
     names = ("grad_norm", "second_grad_norm", "y_grad_norm", "cosine", "rho")
 
     def init_fn(params):
@@ -171,10 +177,16 @@ def sampa(
             # device groups. Each group builds only its own point from the replicated x_t
             # and ∇f(y_t) (the scales are split), so no point is shipped.
             def split(tree):
-                return tree if pair is None else jax.lax.with_sharding_constraint(tree, pair)
+                if pair is None:
+                    return tree
+                if explicit:  # the sharding is in the arrays' types: move them there
+                    return jax.sharding.reshard(tree, pair)
+                return jax.lax.with_sharding_constraint(tree, pair)
 
             scales = split(jnp.stack([factor, -lr_t]))
             both = split(jax.vmap(gradient)(split(jax.vmap(moved)(scales))))
+            if explicit:  # the exchange, spelled out (GSPMD inserts it on Auto axes)
+                both = jax.sharding.reshard(both, NamedSharding(mesh, P()))
             g_tilde, g_y = (jax.tree.map(lambda x, i=i: x[i], both) for i in (0, 1))
         out = jax.tree.map(
             lambda a, b, u: ((1.0 - lam) * a + lam * b).astype(u.dtype), g_tilde, g_y, updates

@@ -129,6 +129,23 @@ def test_group_size_must_divide_the_device_count(eight):
         assert "group_size=3 does not divide the 8 devices of axis 'batch'" in message, message
 
 
+def test_sampa_runs_its_two_gradients_on_the_two_device_groups(eight):
+    """SAMPa on a (pair, batch) = (2, 4) mesh equals its sequential form on one device (the
+    batch sums reordered over 4 shards, as TOL allows), and each group computes one gradient:
+    the same batched program without the split costs one more gradient per device."""
+    assert eight["sampa_mesh_shape"] == {"pair": 2, "batch": 4}
+    assert eight["sampa_parallel_vs_sequential"] < TOL
+    assert "Explicit" in eight["sampa_explicit_mesh_axis_types"]
+    assert eight["sampa_parallel_explicit_vs_sequential"] < TOL  # jax.make_mesh's mesh
+    assert eight["sampa_parallel_vs_initial"] > DIFFERENT  # it trained
+    flops, dots = eight["sampa_flops"], eight["sampa_dots"]
+    # Per device (step 0's ∇f(x_0) sits in both programs, under lax.cond): the pair is one
+    # batched gradient in both, and split over the groups it costs one gradient's flops less.
+    assert dots["gradient"] > 0
+    assert dots["parallel"] == dots["vmap"] == 2 * dots["gradient"]
+    assert flops["vmap"] - flops["parallel"] > 0.5 * flops["gradient"], flops
+
+
 # --------------------------------------------------------------------------------------
 # Multi-host: 2 processes x 2 CPU devices, jax.distributed over gloo.
 # --------------------------------------------------------------------------------------

@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sharpjax
 from sharpjax import parallel
 from sharpjax.parallel import TrainState
 from tests.multidevice.common import (
+    LR,
     RHO,
     diff,
     flat,
@@ -155,6 +157,75 @@ def bn_per_shard_reference(params, batch_stats, batches, loss_fn):
     return np.stack(out_p), np.stack(out_s)
 
 
+def sampa_runs(params, batches, mesh):
+    """SAMPa's parallel form on the (pair, batch) = (2, 4) mesh against its sequential form on
+    one device (flat params per step), and the per-device cost of the parallel step and of the
+    same batched step without the split ("vmap") beside one gradient's (XLA's cost analysis:
+    deterministic, no timing)."""
+
+    def make_step(tx):
+        @jax.jit
+        def step(params, state, batch):
+            grads = jax.grad(mlp_loss)(params, batch)
+            updates, state = tx.update(
+                grads, state, params, grad_fn=lambda p: jax.grad(mlp_loss)(p, batch)
+            )
+            return optax.apply_updates(params, updates), state
+
+        return step
+
+    def run(tx, place):
+        step, state, p, out = make_step(tx), tx.init(params), place(params), []
+        for batch in batches:
+            p, state = step(p, state, place(batch, batch=True))
+            out.append(flat(p))
+        return np.stack(out), step, state
+
+    def on(mesh):
+        def place(tree, batch=False):
+            return jax.device_put(tree, NamedSharding(mesh, P("batch") if batch else P()))
+
+        return place
+
+    on_mesh = on(mesh)
+
+    def sampa_tx(**kw):
+        return optax.chain(sharpjax.sampa(LR, RHO, lam=0.2, **kw), sgd())
+
+    r = {}
+    sequential, _, _ = run(sampa_tx(), lambda tree, batch=False: tree)
+    parallel_tx = sampa_tx(execution="parallel", mesh=mesh)
+    parallel, step, state = run(parallel_tx, on_mesh)
+    r["sampa_parallel_vs_sequential"] = diff(parallel, sequential)
+    r["sampa_parallel_vs_initial"] = diff(parallel[-1], flat(params))
+    # jax.make_mesh's axes are Explicit (jax 0.10): the split is then a reshard.
+    explicit = jax.make_mesh((2, N // 2), ("pair", "batch"))
+    r["sampa_explicit_mesh_axis_types"] = str(explicit.axis_types)
+    explicit_tx = sampa_tx(execution="parallel", mesh=explicit)
+    r["sampa_parallel_explicit_vs_sequential"] = diff(run(explicit_tx, on(explicit))[0], sequential)
+    args = (on_mesh(params), on_mesh(batches[0], batch=True))
+    gradient = jax.jit(jax.grad(mlp_loss)).lower(*args).compile()
+    compiled = {
+        "parallel": step.lower(args[0], state, args[1]).compile(),
+        "vmap": make_step(sampa_tx(execution="vmap")).lower(args[0], state, args[1]).compile(),
+        "gradient": gradient,
+    }
+    costs = {k: c.cost_analysis() for k, c in compiled.items()}
+    costs = {k: c[0] if isinstance(c, list) else c for k, c in costs.items()}
+    r["sampa_flops"] = {k: float(c["flops"]) for k, c in costs.items()}
+    # The dots of the per-device program (a batched pair's counts once; step 0's ∇f(x_0),
+    # under lax.cond, is in both steps).
+    r["sampa_dots"] = {k: c.as_text().count(" dot(") for k, c in compiled.items()}
+    hlo = compiled["parallel"].as_text()
+    r["sampa_hlo_collectives"] = sorted(
+        op
+        for op in ("all-reduce", "all-gather", "collective-permute", "all-to-all")
+        if op + "(" in hlo
+    )
+    r["sampa_mesh_shape"] = dict(mesh.shape)
+    return r
+
+
 def main(out_path: str) -> None:
     assert jax.device_count() == N, jax.devices()
     r: dict = {}
@@ -276,6 +347,9 @@ def main(out_path: str) -> None:
             r[f"bad_group_size_{path}"] = "no error"
         except ValueError as err:
             r[f"bad_group_size_{path}"] = str(err)
+
+    # --- SAMPa: its two gradients on the two halves of a (pair, batch) = (2, 4) mesh.
+    r.update(sampa_runs(params, batches, sharpjax.sampa_mesh()))
 
     with open(out_path, "w") as f:
         json.dump(r, f, indent=1)
