@@ -18,7 +18,7 @@ Checked against the paper's equations (above) and the authors' code (LIONS-EPFL/
 * the auxiliary step: the code steps y with the base optimizer's own update at ``x_t``
   (SGD: ``y_{t+1} = x_t − η (∇f(y_t) + μ b_t + wd x_t)``, its momentum buffer and weight
   decay), the paper with ``η ∇f(y_t)``. Both readings are the same with plain SGD (μ = 0,
-  no weight decay), the setting of the paper's analysis;
+  no weight decay), the form of the paper's equations;
 * the batches: the code takes ``∇f(x̃_t)`` on the previous step's batch (the one ``∇f(y_t)``
   came from) and ``∇f(y_{t+1})`` on this step's; here both take the step's batch
   (``grad_fn``), as the equations read;
@@ -103,7 +103,9 @@ def sampa(
     (GSPMD partitions the step; ``grad_fn`` is unchanged). Each half holds the params and the
     whole batch's shards along the other axes (the batch replicated over ``pair_axis``), and
     the two results meet in one gradient-sized exchange before the combination. Per device, a
-    step then costs one gradient plus that exchange: about SGD's time on twice SGD's devices.
+    step then costs one gradient plus that exchange (XLA's cost analysis, a 1.3 M-parameter
+    MLP on 8 devices: 1.05 gradients' flops against 2.05 sequential, beyond step 0's); the
+    paper's "about SGD's time on twice the devices" follows, not timed here.
     Build the mesh with :func:`sampa_mesh` (or ``jax.make_mesh``: Auto and Explicit axes both
     work); a mesh whose ``pair_axis`` has size 1 (one device) gives the sequential form.
     Step 0's ``∇f(x_0)`` runs on every device.
