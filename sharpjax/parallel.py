@@ -1203,14 +1203,14 @@ def _mesh_axes_of(entry: Any) -> tuple[str, ...]:
 
 
 def _param_spec(
-    name: str, shape: tuple[int, ...], mesh: Mesh, mapped: tuple[Any, ...] | None
-) -> tuple[P, str | None]:
+    name: str, shape: tuple[int, ...], mesh: Any, mapped: tuple[Any, ...] | None
+) -> tuple[P, list[str]]:
     """One leaf's spec: ``mapped`` (its logical annotation on the mesh's axes, or None), then
     ``fsdp`` on its largest free dimension that the fsdp size divides. Returns the spec and,
-    when a split was wanted but a dimension does not divide, why it is not split."""
+    for every split that was wanted but does not divide, why it is not made."""
     dims: list[Any] = list(mapped) if mapped is not None else []
     dims += [None] * (len(shape) - len(dims))
-    unsplit = None
+    unsplit: list[str] = []
     for i, entry in enumerate(dims):
         axes = _mesh_axes_of(entry)
         unknown = [a for a in axes if a not in mesh.axis_names]
@@ -1225,39 +1225,31 @@ def _param_spec(
             dims[i] = None
         elif shape[i] % size:
             dims[i] = None
-            unsplit = f"dim {i} ({shape[i]}) not divisible by {'×'.join(axes)}={size}"
+            unsplit.append(f"dim {i} ({shape[i]}) not divisible by {'×'.join(axes)}={size}")
     fsdp = mesh.shape.get(FSDP, 1)
     used = {a for entry in dims for a in _mesh_axes_of(entry)}
     if fsdp == 1 or FSDP in used:
         return P(*dims), unsplit
     free = [i for i in range(len(shape)) if dims[i] is None and shape[i] % fsdp == 0]
     if not free:
-        return P(*dims), unsplit or f"no dimension divisible by fsdp={fsdp}"
+        return P(*dims), [*unsplit, f"not divisible by fsdp={fsdp} along any unsplit dimension"]
     # ZeRO-3: the largest dimension carries the split (the first one on a tie).
     dims[max(free, key=lambda i: (shape[i], -i))] = FSDP
     return P(*dims), unsplit
 
 
-def param_shardings(
+def plan_param_specs(
     params: Params,
-    mesh: Mesh,
+    mesh: Any,
     *,
     logical_specs: Any = None,
     rules: Sequence[tuple[str, Any]] | None = None,
-    warn: bool = True,
-) -> Any:
-    """The ``NamedSharding`` of every parameter on ``mesh`` (ZeRO-3 / FSDP and tensor parallel).
-
-    Each leaf is split over ``model`` (and any axis) where its flax logical annotation says
-    (``logical_specs``: the tree of ``nn.get_partition_spec(variables)["params"]``, mapped to
-    mesh axes by ``rules``, flax's ``(logical, mesh axis)`` pairs), then over ``fsdp`` along its
-    largest remaining dimension that the fsdp size divides. A leaf with no such dimension is
-    replicated over ``fsdp``, and a logical split that does not divide is dropped; these
-    leaves are listed in one warning (``warn=True``). On a mesh without
-    ``fsdp``/``model`` (or of size 1) every leaf is replicated: data parallelism.
-
-    ``params`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is allocated.
-    """
+) -> tuple[Any, list[tuple[Any, tuple[int, ...], list[str]]]]:
+    """The one sharding plan of the params (:func:`param_shardings` documents it):
+    ``(specs, unsplit)``, a mesh-axis ``PartitionSpec`` per leaf and, for each leaf not split
+    as asked, ``(key path, shape, reasons)``. ``mesh``: a ``Mesh`` or ``AbstractMesh`` (only
+    its axis names and sizes are read). :func:`sharpjax.models.partitioning.param_partition_specs`
+    is this plan for flax's boxed trees."""
     import flax.linen as nn  # only for the logical annotations
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -1276,20 +1268,47 @@ def param_shardings(
             "annotations (nn.with_logical_partitioning) to say which dimensions to split: use "
             "a model that has them, or put those devices on 'data' or 'fsdp'."
         )
-    out, replicated = [], []
+    out, unsplit = [], []
     for (path, leaf), m in zip(leaves, mapped, strict=True):
-        spec, unsplit = _param_spec(_leaf_name(path), tuple(jnp.shape(leaf)), mesh, m)
-        if unsplit:
-            replicated.append(f"{_leaf_name(path)} {tuple(jnp.shape(leaf))}: {unsplit}")
-        out.append(NamedSharding(mesh, spec))
-    if replicated and warn:
+        shape = tuple(jnp.shape(leaf))
+        spec, reasons = _param_spec(_leaf_name(path), shape, mesh, m)
+        if reasons:
+            unsplit.append((path, shape, reasons))
+        out.append(spec)
+    return jax.tree.unflatten(treedef, out), unsplit
+
+
+def param_shardings(
+    params: Params,
+    mesh: Mesh,
+    *,
+    logical_specs: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    warn: bool = True,
+) -> Any:
+    """The ``NamedSharding`` of every parameter on ``mesh`` (ZeRO-3 / FSDP and tensor parallel).
+
+    Each leaf is split over ``model`` (and any axis) where its flax logical annotation says
+    (``logical_specs``: the tree of ``nn.get_partition_spec(variables)["params"]``, mapped to
+    mesh axes by ``rules``, flax's ``(logical, mesh axis)`` pairs), then over ``fsdp`` along its
+    largest remaining dimension that the fsdp size divides. A leaf with no such dimension is
+    replicated over ``fsdp``, and a logical split that does not divide is dropped; these
+    leaves are listed in one warning (``warn=True``). On a mesh without
+    ``fsdp``/``model`` (or of size 1) every leaf is replicated: data parallelism. The plan
+    itself is :func:`plan_param_specs`.
+
+    ``params`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is allocated.
+    """
+    specs, unsplit = plan_param_specs(params, mesh, logical_specs=logical_specs, rules=rules)
+    if unsplit and warn:
+        lines = [f"{_leaf_name(p)} {shape}: {', '.join(r)}" for p, shape, r in unsplit]
         warnings.warn(
-            f"On mesh {format_mesh(mesh)}, {len(replicated)} parameter(s) are not split as "
-            f"asked, so they are replicated along those axes: {'; '.join(replicated)}.",
+            f"On mesh {format_mesh(mesh)}, {len(unsplit)} parameter(s) are not split as "
+            f"asked, so they are replicated along those axes: {'; '.join(lines)}.",
             UserWarning,
             stacklevel=2,
         )
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 class _Placed:

@@ -16,13 +16,15 @@ trainer, optax and every sharpjax transformation see (they never meet a box). Ty
     specs = param_partition_specs(boxed, mesh)                  # PartitionSpec per leaf
     params = init_params(model, key, sample, mesh)               # born sharded, unboxed
 
-Models without annotations (MLP, CNNs, ResNets) get ``PartitionSpec()`` (replicated) for
-every leaf: a caller that wants FSDP for them needs its own rule.
+On a mesh, the specs are the trainer's plan (:func:`sharpjax.parallel.plan_param_specs`, the
+one home of the sharding rules): the annotations mapped as above, then every leaf that no rule
+splits over ``fsdp`` split along its largest dimension that fsdp divides (ZeRO-3), so models
+without annotations (MLP, CNNs, ResNets) are split over ``fsdp`` too and replicated over
+``model``. :func:`sharpjax.parallel.param_shardings` gives the ``NamedSharding``s.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,8 @@ import flax.linen as nn
 import jax
 from flax.core import meta
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from sharpjax import parallel
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that is not `model` (each tensor-parallel group reads
@@ -107,48 +111,16 @@ def rules_for_mesh(axis_names: Sequence[str], rules: Rules = LOGICAL_AXIS_RULES)
     return tuple(out)
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> tuple:
-    """``spec`` with every dimension that its mesh axes do not divide set to ``None``."""
-    dims, dropped = [], []
-    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            dims.append(None)
-            continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
-        size = math.prod(mesh_shape[a] for a in names)
-        if shape[i] % size:
-            dims.append(None)
-            dropped.append((i, axes, shape[i], size))
-        else:
-            dims.append(axes)
-    return PartitionSpec(*dims), dropped
-
-
-def _plan(tree: Any, mesh: AnyMesh | None, rules: Rules) -> tuple[Any, list[str]]:
-    if mesh is not None:
-        rules = rules_for_mesh(mesh.axis_names, rules)
-    specs = nn.logical_to_mesh(logical_partition_specs(tree), list(rules))
-    if mesh is None:
-        return specs, []
-    mesh_shape = dict(mesh.shape)
-    shapes = jax.tree.map(lambda x: tuple(x.shape), unbox(tree))
-    notes: list[str] = []
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    flat_shapes = treedef.flatten_up_to(shapes)
-    paths = [
-        jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(specs, is_leaf=is_spec)[0]
-    ]
-    fitted = []
-    for path, spec, shape in zip(paths, flat_specs, flat_shapes, strict=True):
-        spec, dropped = _fit(spec, shape, mesh_shape)
-        fitted.append(spec)
-        notes += [
-            f"{path}: dimension {i} (size {n}) not divisible by mesh axes {axes} "
-            f"(size {size}); replicated along it"
-            for i, axes, n, size in dropped
-        ]
-    return treedef.unflatten(fitted), notes
+def _plan(tree: Any, mesh: AnyMesh, rules: Rules) -> tuple[Any, list]:
+    # The trainer's own plan (sharpjax.parallel.plan_param_specs): one home for the logical
+    # mapping, the divisibility checks and the fsdp split, so that params created here are
+    # laid out exactly as the trainer places them.
+    return parallel.plan_param_specs(
+        unbox(tree),
+        mesh,
+        logical_specs=logical_partition_specs(tree),
+        rules=rules_for_mesh(mesh.axis_names, rules),
+    )
 
 
 def param_partition_specs(
@@ -158,29 +130,29 @@ def param_partition_specs(
 
     Args:
       tree: the output of ``model.init`` or ``jax.eval_shape(model.init, ...)`` (boxed).
-      mesh: a ``Mesh`` or ``AbstractMesh``. When given, the rules are restricted to its axes
-        (:func:`rules_for_mesh`) and a dimension whose size its mesh axes do not divide is
-        replicated instead (:func:`undivided_dimensions` lists them); without a mesh, the
+      mesh: a ``Mesh`` or ``AbstractMesh``. When given, the specs are where the trainer puts
+        each parameter (:func:`sharpjax.parallel.param_shardings`): the rules restricted to its
+        axes (:func:`rules_for_mesh`), a dimension whose size its mesh axes do not divide
+        replicated instead, an axis of size 1 dropped, and a leaf that no rule splits over
+        ``fsdp`` split along its largest dimension that fsdp divides
+        (:func:`undivided_dimensions` lists what could not be split). Without a mesh, the
         rules' specs as they are.
       rules: logical → mesh axis rules.
     """
+    if mesh is None:
+        return nn.logical_to_mesh(logical_partition_specs(tree), list(rules))
     return _plan(tree, mesh, rules)[0]
 
 
 def undivided_dimensions(tree: Any, mesh: AnyMesh, rules: Rules = LOGICAL_AXIS_RULES) -> list[str]:
-    """One line per parameter dimension that ``rules`` would split over ``mesh`` but whose size
-    the mesh axes do not divide (so :func:`param_partition_specs` replicates it), e.g. ViT-Ti's
-    3 heads on ``model=2``. Empty when everything divides."""
-    return _plan(tree, mesh, rules)[1]
-
-
-def param_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """``NamedSharding(mesh, spec)`` per leaf, from :func:`param_partition_specs`."""
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s),
-        param_partition_specs(tree, mesh, rules),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    """One line per parameter that :func:`param_partition_specs` does not split as asked: a
+    dimension that ``rules`` would split over ``mesh`` but whose size the mesh axes do not
+    divide (ViT-Ti's 3 heads on ``model=2``), or no dimension left that ``fsdp`` divides.
+    Empty when everything divides. The trainer warns with the same list."""
+    return [
+        f"{jax.tree_util.keystr(path)} {shape}: {', '.join(reasons)}; replicated along it"
+        for path, shape, reasons in _plan(tree, mesh, rules)[1]
+    ]
 
 
 def batch_spec(mesh: AnyMesh, ndim: int = 1) -> PartitionSpec:
