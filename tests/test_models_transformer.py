@@ -454,18 +454,31 @@ def test_sgd_lowers_the_loss_on_synthetic_cifar():
 # ---------------------------------------------------------------------------------------
 
 
-def test_remat_and_scanned_vit_equal_the_plain_vit_in_loss_and_gradients():
-    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
-    y = jnp.array([0, 4, 2])
-    plain = get_model("vit_micro", 5, **VIT, patch_size=4)
-    params = jittered(jax.eval_shape(plain.init, jax.random.key(0), x))["params"]
-    depth = VIT["depth"]
+def stack_blocks(p, depth):
+    """The plain tree with block0..block{depth-1} stacked along a leading `layers` axis."""
+    rest = {k: v for k, v in p.items() if not k.startswith("block")}
+    blocks = [p[f"block{i}"] for i in range(depth)]
+    return {**rest, "blocks": jax.tree.map(lambda *b: jnp.stack(b), *blocks)}
 
-    def stacked(p):
-        # The plain tree with block0..block{depth-1} stacked along a leading `layers` axis.
-        rest = {k: v for k, v in p.items() if not k.startswith("block")}
-        blocks = [p[f"block{i}"] for i in range(depth)]
-        return {**rest, "blocks": jax.tree.map(lambda *b: jnp.stack(b), *blocks)}
+
+@pytest.mark.parametrize(
+    "name, variants",
+    [
+        (
+            "vit_micro",
+            [{"remat": True}, {"scan_blocks": True}, {"scan_blocks": True, "remat": True}],
+        ),
+        ("transformer_tiny", [{"scan_blocks": True, "remat": True}]),
+    ],
+)
+def test_remat_and_scanned_blocks_give_the_plain_loss_and_gradients(name, variants):
+    if name == "vit_micro":
+        sizes, x = {**VIT, "patch_size": 4}, jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+    else:
+        sizes, x = DEC, jax.random.randint(jax.random.key(1), (3, 5), 0, 6)
+    y = jnp.array([0, 4, 2])
+    plain = get_model(name, 5, **sizes)
+    params = jittered(jax.eval_shape(plain.init, jax.random.key(0), x))["params"]
 
     def loss_and_grad(model, p):
         def loss(p):
@@ -475,25 +488,23 @@ def test_remat_and_scanned_vit_equal_the_plain_vit_in_loss_and_gradients():
         return jax.jit(jax.value_and_grad(loss))(p)
 
     ref_loss, ref_grad = loss_and_grad(plain, params)
-    for options in ({"remat": True}, {"scan_blocks": True}, {"scan_blocks": True, "remat": True}):
-        model = get_model("vit_micro", 5, **VIT, patch_size=4, **options)
+    for options in variants:
+        model = get_model(name, 5, **sizes, **options)
         scan = options.get("scan_blocks", False)
-        p = stacked(params) if scan else params
+        p = stack_blocks(params, sizes["depth"]) if scan else params
         # The scanned tree is the plain one stacked: same leaves, one leading axis of `depth`.
-        abstract = part.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
-        assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(jnp.shape, p), options
+        boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+        assert jax.tree.map(jnp.shape, part.unbox(boxed)) == jax.tree.map(jnp.shape, p), options
         loss, grad = loss_and_grad(model, p)
         # The same float32 operations in the same order, only fused or scheduled differently
         # (and recomputed under remat): each side is within the reference test's bound of the
         # exact value (500 eps relative to the largest magnitude), so they are within twice it.
         np.testing.assert_allclose(loss, ref_loss, rtol=0, atol=1000 * EPS32 * (1 + abs(ref_loss)))
-        want = stacked(ref_grad) if scan else ref_grad
+        want = stack_blocks(ref_grad, sizes["depth"]) if scan else ref_grad
         for g, w in zip(jax.tree.leaves(grad), jax.tree.leaves(want), strict=True):
             tol = 1000 * EPS32 * (1 + float(jnp.abs(w).max()))
             np.testing.assert_allclose(g, w, rtol=0, atol=tol, err_msg=str(options))
-        # With scan, each block's annotations gain the `layers` axis, which no rule splits.
+        # Under scan each block's annotations gain the `layers` axis, which no rule splits.
         if scan:
-            specs = part.param_partition_specs(
-                jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-            )
+            specs = part.param_partition_specs(boxed)
             assert specs["blocks"]["mlp"]["fc1"]["kernel"] == PartitionSpec(None, "fsdp", "model")

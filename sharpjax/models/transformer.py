@@ -174,6 +174,64 @@ class Block(nn.Module):
         return x + drop(MlpBlock(self.mlp_dim, name="mlp", **kw)(h))
 
 
+class _ScannedBlock(Block):
+    """:class:`Block` in the ``(carry, x) -> (carry, y)`` form that ``nn.scan`` steps over.
+
+    Its parameters are the block's own (``ln1``, ``attn``, ``ln2``, ``mlp``), so the scanned
+    stack holds them with one leading ``layers`` axis. ``train`` is a field rather than an
+    argument: ``nn.scan`` would trace an argument, and dropout needs a Python bool.
+    """
+
+    train: bool = False
+
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:  # type: ignore[override]
+        return super().__call__(x, self.train), None
+
+
+def run_blocks(
+    x: jax.Array,
+    train: bool,
+    *,
+    depth: int,
+    num_heads: int,
+    mlp_dim: int,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    remat: bool = False,
+    scan: bool = False,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """``depth`` :class:`Block` s applied to ``x``, created in the calling module (compact).
+
+    ``scan=False``: blocks ``block0`` … ``block{depth-1}``, unrolled. ``scan=True``: one
+    ``nn.scan`` named ``blocks`` over a stack of identical blocks, each parameter with a leading
+    ``layers`` axis of size ``depth`` (``metadata_params`` adds it to the logical names; no
+    partitioning rule splits it). ``remat=True`` rematerialises each block (``nn.remat``): its
+    activations, and on a sharded mesh its gathered weights, are recomputed in the backward
+    pass instead of kept. The function of the parameters is the same in every layout; dropout
+    draws differ between the unrolled and the scanned stack (the rng is split per layer).
+    """
+    kw = dict(causal=causal, dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype)
+    if not scan:
+        block = nn.remat(Block, static_argnums=(2,)) if remat else Block
+        for i in range(depth):
+            x = block(num_heads, mlp_dim, name=f"block{i}", **kw)(x, train)
+        return x
+    # prevent_cse=False: the scan already keeps XLA from merging the recomputation with the
+    # forward pass (flax's advice for remat inside scan).
+    stage = nn.remat(_ScannedBlock, prevent_cse=False) if remat else _ScannedBlock
+    stack = nn.scan(
+        stage,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = stack(num_heads, mlp_dim, train=train, name="blocks", **kw)(x, None)
+    return x
+
+
 def check_config(width: int, depth: int, num_heads: int, mlp_dim: int) -> None:
     """Clear errors for sizes that would otherwise fail deep inside flax or silently differ."""
     for name, value in (
@@ -231,6 +289,9 @@ class Decoder(nn.Module):
       mlp_dim: MLP hidden width.
       max_len: number of learned positions; longer inputs raise.
       dropout_rate: dropout after attention/MLP (train mode only).
+      remat: rematerialise each block (:func:`run_blocks`).
+      scan_blocks: one ``nn.scan`` over stacked blocks (:func:`run_blocks`); with ``remat``,
+        the layout for params sharded over ``fsdp`` (see :mod:`sharpjax.models.vit`).
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision).
       param_dtype: parameter dtype.
     """
@@ -243,6 +304,8 @@ class Decoder(nn.Module):
     mlp_dim: int = 512
     max_len: int = 64
     dropout_rate: float = 0.0
+    remat: bool = False
+    scan_blocks: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -274,15 +337,18 @@ class Decoder(nn.Module):
             "pos_embed", partitioned(embed_init, "seq", "embed"), (self.max_len, self.width)
         )
         h = h + pos[:length].astype(self.dtype)
-        for i in range(self.depth):
-            h = Block(
-                self.num_heads,
-                self.mlp_dim,
-                causal=True,
-                dropout_rate=self.dropout_rate,
-                name=f"block{i}",
-                **kw,
-            )(h, train)
+        h = run_blocks(
+            h,
+            train,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            causal=True,
+            dropout_rate=self.dropout_rate,
+            remat=self.remat,
+            scan=self.scan_blocks,
+            **kw,
+        )
         h = layer_norm(name="ln_final", **kw)(h)
         if not all_positions:
             h = h[:, -1]

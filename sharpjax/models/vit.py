@@ -66,12 +66,12 @@ import jax
 import jax.numpy as jnp
 
 from sharpjax.models.transformer import (
-    Block,
     check_config,
     dense_logits,
     embed_init,
     layer_norm,
     partitioned,
+    run_blocks,
 )
 
 POOLS = ("cls", "gap")
@@ -122,20 +122,6 @@ class PatchEmbed(nn.Module):
         )
         y = y + bias.astype(self.dtype)
         return y.reshape(y.shape[0], y.shape[1] * y.shape[2], self.width)
-
-
-class _ScannedBlock(Block):
-    """:class:`Block` in the ``(carry, x) -> (carry, y)`` form that ``nn.scan`` steps over.
-
-    Its parameters are the block's own (``ln1``, ``attn``, ``ln2``, ``mlp``), so the scanned
-    stack holds them with one leading ``layers`` axis. ``train`` is a field rather than an
-    argument: ``nn.scan`` would trace an argument, and dropout needs a Python bool.
-    """
-
-    train: bool = False
-
-    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:  # type: ignore[override]
-        return super().__call__(x, self.train), None
 
 
 class ViT(nn.Module):
@@ -202,35 +188,17 @@ class ViT(nn.Module):
             "pos_embed", partitioned(embed_init, "seq", "embed"), (x.shape[1], self.width)
         )
         x = x + pos.astype(x.dtype)
-        if self.scan_blocks:
-            # prevent_cse=False: the scan already keeps XLA from merging the recomputation
-            # with the forward pass (flax's advice for remat inside scan).
-            stage = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
-            blocks = nn.scan(
-                stage,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                length=self.depth,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = blocks(
-                self.num_heads,
-                self.mlp_dim,
-                dropout_rate=self.dropout_rate,
-                train=train,
-                name="blocks",
-                **kw,
-            )(x, None)
-        else:
-            block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-            for i in range(self.depth):
-                x = block(
-                    self.num_heads,
-                    self.mlp_dim,
-                    dropout_rate=self.dropout_rate,
-                    name=f"block{i}",
-                    **kw,
-                )(x, train)
+        x = run_blocks(
+            x,
+            train,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            remat=self.remat,
+            scan=self.scan_blocks,
+            **kw,
+        )
         x = layer_norm(name="ln_final", **kw)(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return dense_logits(x, self.num_classes, **kw)
