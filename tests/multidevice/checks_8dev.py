@@ -175,7 +175,8 @@ def sampa_runs(params, batches, mesh):
         return step
 
     def run(tx, place):
-        step, state, p, out = make_step(tx), tx.init(params), place(params), []
+        # the state placed like the params: one compilation, not one per input layout
+        step, state, p, out = make_step(tx), place(tx.init(params)), place(params), []
         for batch in batches:
             p, state = step(p, state, place(batch, batch=True))
             out.append(flat(p))
