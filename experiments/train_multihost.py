@@ -18,6 +18,10 @@ of 2 devices: every parameter split over both hosts). Checkpoints and metrics fi
 by process 0 only when ``--workdir`` is given to it alone; give every process the same
 ``--seed``.
 
+Each process first says whom it waits for, then waits up to ``--timeout`` seconds (default
+300) for all of them to join; past that JAX's runtime aborts it with ``DEADLINE_EXCEEDED``
+(start the processes closer together, or raise ``--timeout``).
+
 Without ``--coordinator`` (or with ``--num-processes 1``) it is a plain single-process run.
 On Cloud TPU, SLURM or Open MPI pass ``--auto`` instead: ``jax.distributed.initialize()`` then
 finds everything itself. CPU-only clusters use gloo collectives (``--cpu-collectives gloo``,
@@ -45,6 +49,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--cpu-collectives", choices=("gloo", "mpi"), default=None)
     parser.add_argument(
+        "--timeout",
+        type=int,
+        default=300,
+        help="seconds to wait for every process to join: process 0 waits for the others to "
+        "connect to --coordinator, the others for process 0 to listen there. Each process "
+        "says whom it waits for before it waits; past the timeout JAX aborts it with "
+        "DEADLINE_EXCEEDED. Default 300: start all processes within 5 minutes",
+    )
+    parser.add_argument(
         "--out", help="save final params and history here (.npz; '{process_id}' is filled in)"
     )
     args = parser.parse_args(argv)
@@ -54,7 +67,57 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         )
     if args.num_processes > 1 and not (args.coordinator or args.auto):
         parser.error("--num-processes > 1 needs --coordinator HOST:PORT (or --auto)")
+    if args.timeout < 1:
+        parser.error(f"--timeout {args.timeout} must be at least 1 (seconds)")
     return args, overrides
+
+
+def _awaited(args: argparse.Namespace) -> str:
+    if args.auto:
+        return "the cluster's other processes (found by jax.distributed.initialize())"
+    if args.process_id == 0:
+        return (
+            f"the other {args.num_processes - 1} process(es) to connect to --coordinator "
+            f"{args.coordinator}"
+        )
+    return f"process 0 (the coordinator) to listen at --coordinator {args.coordinator}"
+
+
+def join(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize``, waiting ``--timeout`` seconds for the other processes.
+
+    Said before the wait, because when it runs out JAX's C++ runtime aborts the process
+    ("DEADLINE_EXCEEDED ... RegisterTask") before Python could add a word; an error that does
+    reach Python (a malformed address) is re-raised with the same explanation."""
+    import jax
+
+    fix = (
+        "start every process with the same --coordinator and --num-processes and a distinct "
+        "--process-id, check that the coordinator's host:port is reachable from every host, or "
+        "wait longer with --timeout SECONDS"
+    )
+    print(
+        f"process {args.process_id} of {args.num_processes}: waiting up to --timeout "
+        f"{args.timeout} s for {_awaited(args)}; if it aborts with DEADLINE_EXCEEDED, {fix}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        if args.auto:
+            jax.distributed.initialize(initialization_timeout=args.timeout)
+        else:
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+                initialization_timeout=args.timeout,
+            )
+    except Exception as e:  # jax's runtime error type; the cause stays chained
+        raise SystemExit(
+            f"process {args.process_id} of {args.num_processes}: could not join "
+            f"{_awaited(args)} within --timeout {args.timeout} s: {fix}. JAX said: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from e
 
 
 def main(argv: list[str]) -> None:
@@ -63,14 +126,8 @@ def main(argv: list[str]) -> None:
 
     if args.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
-    if args.auto:
-        jax.distributed.initialize()
-    elif args.num_processes > 1:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
+    if args.auto or args.num_processes > 1:
+        join(args)
 
     import numpy as np
 
@@ -92,8 +149,18 @@ def main(argv: list[str]) -> None:
         # Params split over hosts (--mesh with fsdp spanning them) are gathered whole first.
         whole = multihost_utils.process_allgather(result.params, tiled=True)
         flat = [np.asarray(x).ravel() for x in jax.tree.leaves(whole)]
+        leaves = jax.tree.leaves(result.params)
+        # Where the run put things: the process of each mesh position (data, fsdp, model),
+        # and how many of the parameter elements this process holds (distinct shards).
+        mesh = leaves[0].sharding.mesh
+        held = sum(
+            sum({str(s.index): s.data.size for s in x.addressable_shards}.values()) for x in leaves
+        )
         np.savez(
             args.out.format(process_id=jax.process_index()),
+            mesh_processes=np.vectorize(lambda d: d.process_index)(mesh.devices),
+            mesh_axes=np.array(mesh.axis_names),
+            held_elements=np.array(held),
             params=np.concatenate(flat),
             train_loss=np.array([r["train_loss"] for r in result.history]),
             test_accuracy=np.array([r["test_accuracy"] or np.nan for r in result.history]),

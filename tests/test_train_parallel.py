@@ -1,8 +1,9 @@
 """The trainer on several devices and several processes (subprocesses with forced CPU devices).
 
 ``tests/multidevice/trainer_8dev.py`` runs the trainer on 8 forced CPU devices and on 1, and
-reports differences; ``experiments/train_multihost.py`` runs it as 2 processes × 2 devices
-(``jax.distributed`` on localhost, gloo) and as 1 process × 4 devices. The references are the
+reports differences; ``experiments/train_multihost.py`` runs it as 2 processes × 4 devices
+(``jax.distributed`` on localhost, gloo) and as 1 process × 8 devices, params split over all 8
+(``fsdp`` spanning the processes). The references are the
 trainer on one device (synced mode computes the same program on the global batch, so only
 float32 summation order differs), mSAM with m = devices on one device (per-device mode), and
 the uninterrupted run (resume).
@@ -79,7 +80,7 @@ def _run_multihost(
         "--model=mlp",
         '--model_kwargs={"hidden_sizes": [16]}',
         "--optimizer=sam",
-        "--epochs=2",
+        "--epochs=1",
         "--batch_size=64",
         "--max_steps_per_epoch=3",
         "--learning_rate=0.05",
@@ -111,14 +112,26 @@ def _run_multihost(
     return [dict(np.load(out.format(process_id=i))) for i in range(num_processes)]
 
 
-# None: params replicated; fsdp=4: every parameter split over the devices of both hosts.
-@pytest.mark.parametrize("mesh", [None, "fsdp=4"])
-def test_trainer_on_2_processes_equals_1_process_with_as_many_devices(tmp_path, mesh):
-    two = _run_multihost(tmp_path, 2, 2, mesh)
-    one = _run_multihost(tmp_path, 1, 4, mesh)
-    assert int(two[0]["device_count"]) == 4 and int(one[0]["device_count"]) == 4
-    # Replicated on both processes, but each runs its own compiled program (XLA promises no
-    # bit-identity across processes) and the 1-process run sums in another order: rounding.
+# fsdp=8 on 2 processes × 4 devices: every fsdp group holds devices of both processes, so
+# each parameter is split across the hosts (the trainer's mesh is data-major, so data=2,fsdp=4
+# would keep each fsdp group on one host) and the batch is split over both.
+def test_trainer_on_2_processes_equals_1_process_with_as_many_devices(tmp_path):
+    mesh = "fsdp=8"
+    two = _run_multihost(tmp_path, 2, 4, mesh)
+    one = _run_multihost(tmp_path, 1, 8, mesh)
+    assert int(two[0]["device_count"]) == 8 and int(one[0]["device_count"]) == 8
+    for run in two:
+        axes, processes = list(run["mesh_axes"]), run["mesh_processes"]
+        fsdp = axes.index("fsdp")
+        groups = np.moveaxis(processes, fsdp, -1).reshape(-1, processes.shape[fsdp])
+        assert all(set(g) == {0, 1} for g in groups), processes  # fsdp spans both processes
+        # Each process holds only its own shards: about half the elements (a leaf that fsdp=8
+        # does not divide, the last bias, is whole on both).
+        total = two[0]["params"].size
+        assert total / 2 <= int(run["held_elements"]) < total, (run["held_elements"], total)
+    assert int(one[0]["held_elements"]) == one[0]["params"].size
+    # Gathered whole on both processes, but each runs its own compiled program (XLA promises
+    # no bit-identity across processes) and the 1-process run sums in another order: rounding.
     for key in ("params", "train_loss"):
         np.testing.assert_allclose(two[0][key], two[1][key], atol=TOL, rtol=0, err_msg=key)
         np.testing.assert_allclose(two[0][key], one[0][key], atol=TOL, rtol=0, err_msg=key)
