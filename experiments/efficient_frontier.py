@@ -89,7 +89,11 @@ DEFAULT: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
     # SAM-ON, SAM and the recent rules on the 1-D CNN with BatchNorm (label_noise's recent_bn).
-    "recent_bn": {**DEFAULT, **label_noise.PRESETS["recent_bn"]},
+    "recent_bn": {
+        **DEFAULT,
+        "model_kwargs": {"batch_norm": True},
+        "optimizers": ["sgd", "sam", "sam_on", *RECENT],
+    },
     "tiny": {
         **label_noise.PRESETS["tiny"],
         "optimizers": ["sgd", "sam", "looksam", "random_sam"],
@@ -198,7 +202,9 @@ def make_tables(config, runs, frontier=None, kept_gain=None) -> str:
 
 
 def _setup(config: dict[str, Any]) -> str:
-    return f"{config['dataset']}, {config['model']}, {config['epochs']} epochs"
+    kwargs = ", ".join(f"{k}={v}" for k, v in config.get("model_kwargs", {}).items())
+    model = f"{config['model']} ({kwargs})" if kwargs else config["model"]
+    return f"{config['dataset']}, {model}, {config['epochs']} epochs"
 
 
 def make_plots(config, runs, out, frontier=None, kept_gain=None) -> list[str]:
@@ -223,6 +229,7 @@ def make_plots(config, runs, out, frontier=None, kept_gain=None) -> list[str]:
         ax.set_ylabel("final test accuracy (%)")
         common.percent_axis(ax)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{100 * v:.0f} %"))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(6))  # "125 %" labels need the room
         ax.grid(alpha=0.3)
     axes[0].set_title("cost counted in gradients", fontsize=10)
     axes[1].set_title("cost measured in seconds", fontsize=10)
