@@ -104,17 +104,21 @@ def test_bad_mesh_input_is_a_clear_error(eight):
     assert "no logical partitioning annotations" in eight["bad_model_axis"]
 
 
-def test_fsdp8_step_holds_an_eighth_of_the_state_per_device(eight):
-    # XLA's plan for one device (deterministic for a program) of the SAM step of a
-    # ViT-S-width model: arguments = params, momentum, batch; temporaries = the step's.
+def test_fsdp8_step_needs_a_quarter_of_the_replicated_memory(eight):
+    # XLA's plan for one device (deterministic for a program) of the SAM step of ViT-S (depth
+    # 12, blocks scanned and rematerialised): arguments = params, momentum, batch;
+    # temporaries = the step's. The issue asks arguments + temporaries on fsdp=8 <= 0.25x the
+    # replicated step's; the plan gives about 0.17x (0.73 against 4.34 parameter copies).
     fsdp, data = eight["memory_fsdp8"], eight["memory_data8"]
     assert data["arguments"] >= 2 * data["param_bytes"]  # params and momentum, whole
     # The state is split 8 ways; the batch (its 1/8 per device in both) is the remainder.
     assert fsdp["arguments"] <= 1.01 * data["arguments"] / 8, (fsdp, data)
-    # Splitting never adds temporaries. (They do not fall 8 ways: GSPMD gathers each weight
-    # whole and keeps it from the forward to the backward pass, the perturbed weights too;
-    # the issue's 0.25x of arguments + temporaries needs per-block rematerialisation.)
-    assert fsdp["temporaries"] <= data["temporaries"], (fsdp, data)
+    fsdp_total = fsdp["arguments"] + fsdp["temporaries"]
+    data_total = data["arguments"] + data["temporaries"]
+    assert fsdp_total <= 0.25 * data_total, (fsdp, data)
+    # Not only smaller than the replicated step: under one parameter copy per device, where
+    # the unrolled blocks kept every gathered weight (about 1.6 copies of temporaries alone).
+    assert fsdp_total <= data["param_bytes"], (fsdp, data)
 
 
 def test_mesh_spec_is_checked_before_anything_runs():
