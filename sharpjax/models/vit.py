@@ -36,9 +36,12 @@ of the patch size.
 ``--model_kwargs='{"scan_blocks": true, "remat": true}'``). GSPMD gathers each sharded weight
 where it is used; with the blocks unrolled it keeps every gathered weight alive from the forward
 to the backward pass, so a device holds about one whole parameter copy in temporaries whatever
-the shard count. Inside a scan each iteration gathers one block's slice of the stacked weights,
-and with remat the backward iteration gathers it again instead of keeping it, so about one
-block is whole at a time (the layout of MaxText and other JAX FSDP trainers). XLA's per-device
+the shard count. Inside a scan each iteration works on one block's slice of the stacked
+weights, and with remat the backward iteration recomputes that block's forward instead of
+keeping it, so only one block's gathered values are alive at a time (the layout of MaxText and
+other JAX FSDP trainers). Which values GSPMD gathers is its own choice: in the step below no
+kernel is ever whole on a device; it gathers each block's activations over the batch instead
+(8 × 65 tokens, less than a 384 × 1536 kernel). XLA's per-device
 plan (``memory_analysis``, arguments + temporaries) of the SAM step of ViT-S (depth 12, 32×32
 images, batch 8) on 8 devices, in parameter copies (1 = 85.4 MB):
 
@@ -46,14 +49,20 @@ images, batch 8) on 8 devices, in parameter copies (1 = 85.4 MB):
 blocks              ``data=8``   ``fsdp=8``  ratio
 ==================  ===========  =========  =====
 unrolled (default)  4.01         1.84       0.46
+remat               4.00         2.42       0.60
 scan                5.01         1.92       0.38
 scan + remat        4.34         0.73       0.17
 ==================  ===========  =========  =====
 
-Both default to ``False``: on one device or with replicated params the scan only adds
-temporaries (the stacked gradients: 4.34 against 4.01 copies above) and remat adds a forward
-pass, and the unrolled ``block{i}`` names are the published checkpoints' layout. Loss and
-gradients are the same function of the same parameters in every layout
+Remat alone does not help (GSPMD still holds the gathered weights); it takes both. The
+ratio depends on the batch: at batch 64 (8 images per device) scan + remat gives 0.50, with
+whole-batch activations in the temporaries (2.11 copies); a sharding constraint holding each
+block's input split over the batch brings it to 0.24 in the same measurement, but it needs the
+step traced under ``jax.set_mesh``, which the trainer does not do yet, so it is not here. Both
+default to ``False``: with replicated params the scan only adds temporaries (4.34 against 4.01
+copies above) and remat adds a forward pass per step, and the unrolled ``block{i}`` tree is the
+layout of the checkpoints saved so far (a checkpoint loads only into the layout it was saved
+from). Loss and gradients are the same function of the same parameters in every layout
 (``tests/test_models_transformer.py``).
 """
 
