@@ -201,10 +201,7 @@ def make_tables(config, runs, frontier=None, kept_gain=None) -> str:
     )
 
 
-def _setup(config: dict[str, Any]) -> str:
-    kwargs = ", ".join(f"{k}={v}" for k, v in config.get("model_kwargs", {}).items())
-    model = f"{config['model']} ({kwargs})" if kwargs else config["model"]
-    return f"{config['dataset']}, {model}, {config['epochs']} epochs"
+_setup = label_noise._setup
 
 
 def make_plots(config, runs, out, frontier=None, kept_gain=None) -> list[str]:

@@ -504,8 +504,7 @@ def make_tables(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
     seeds = len(config["seeds"])
     parts = [
-        f"# Label noise: {config['dataset']}, {config['model']}, {config['epochs']} epochs, "
-        f"{seeds} seed{'s' * (seeds > 1)}\n",
+        f"# Label noise: {_setup(config)}, {seeds} seed{'s' * (seeds > 1)}\n",
         "Mean ± std over seeds (sample std), in %. Noise is on the training labels only; "
         "test labels are clean. `—`: not run.\n",
         "## Final test accuracy (%)\n",
@@ -564,8 +563,10 @@ def _curves(runs, key):
 
 
 def _setup(config: dict[str, Any]) -> str:
-    """``"mnist1d, cnn1d, 30 epochs"``: what a plot's title names."""
-    return f"{config['dataset']}, {config['model']}, {config['epochs']} epochs"
+    """``"mnist1d, cnn1d, 30 epochs"`` (the model's kwargs in brackets): what a title names."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in config.get("model_kwargs", {}).items())
+    model = f"{config['model']} ({kwargs})" if kwargs else config["model"]
+    return f"{config['dataset']}, {model}, {config['epochs']} epochs"
 
 
 def _per_setting_plot(
@@ -625,8 +626,8 @@ def make_plots(config: dict[str, Any], runs: list[dict[str, Any]], out: str) -> 
         ]
         # ρ-sharpness L(w + ε) − L(w) on each training batch, averaged over the epoch, for the
         # methods at the same constant ρ (ASAM's ε lives on another scale, GSAM's ρ follows the
-        # learning rate, SGD has no ε).
-        other = ("sgd", "adamw", "asam", "saner_asam", "gsam")
+        # learning rate, SGD has no ε, SAM-ON's ρ is its own, on the normalisation layers).
+        other = ("sgd", "adamw", "asam", "saner_asam", "gsam", *GROUPED)
         same_rho = [o for o in optimizer_rows(config) if o not in other]
         if same_rho:
             paths.append(
