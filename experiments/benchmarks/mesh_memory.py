@@ -12,6 +12,17 @@ is not yet imported::
 
     python -m benchmarks.mesh_memory                # from experiments/, full table
     python -m benchmarks.mesh_memory --quick        # ViT-S width, 2 blocks: a minute
+
+A row's compilation is one-threaded and took 2.5–15 min on 2 busy cores (the decoder's SAM
+step the longest), so the stored table was run as one process per model and mesh, side by side,
+from the repo root::
+
+    python -m experiments.benchmarks --only mesh_memory --set 'models=["vit_b16"]' \
+        'meshes=["fsdp=8"]' --tag vit_b16_fsdp8 --out results/benchmarks   # ... and so on
+
+and this prints the one table of all such files::
+
+    python -m benchmarks.mesh_memory --tables ../results/benchmarks/mesh_memory_*_*.json
 """
 
 from __future__ import annotations
@@ -164,7 +175,15 @@ def table(record: harness.Record) -> str:
     return harness.table(keys, columns)
 
 
+def merged_table(paths: list[str]) -> str:
+    """One table of the rows of several records (e.g. one per model and mesh), in file order."""
+    return table({"rows": [row for path in paths for row in harness.read(path)["rows"]]})
+
+
 if __name__ == "__main__":
+    if "--tables" in sys.argv:
+        print(merged_table(sys.argv[sys.argv.index("--tables") + 1 :]))
+        raise SystemExit
     quick = "--quick" in sys.argv
     config = {**DEFAULTS, **(QUICK if quick else {})}
     result = run(config)
