@@ -77,7 +77,10 @@ def test_readme_program_runs(name, tmp_path):
     env = dict(os.environ)
     for line in program.splitlines():
         if found := ENV_LINE.match(line):
-            env.update(item.split("=", 1) for item in found.group(1).split())
+            for name, value in (item.split("=", 1) for item in found.group(1).split()):
+                # XLA_FLAGS adds to the suite's own (conftest.py), the others replace.
+                joined = name == "XLA_FLAGS" and name in env
+                env[name] = f"{env[name]} {value}" if joined else value
     if "jax.distributed.initialize(" in program:
         env.update(COORDINATOR=f"127.0.0.1:{_free_port()}", NUM_PROCESSES="1", PROCESS_ID="0")
     path = tmp_path / "example.py"

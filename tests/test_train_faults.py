@@ -145,8 +145,14 @@ SAVE_FAILS = """
         ckpt.save(1, {"w": jnp.ones(3)}, {"epoch": 1, "history": []})
     except CheckpointError as e:
         print("CAUGHT", e)
-    # A thread that is not a daemon holds the process at exit until it ends.
+    # A thread that is not a daemon holds the process at exit until it ends. orbax's event-loop
+    # thread may still be winding down right after the error (milliseconds of work), so give
+    # each such thread 120 s (a busy machine still grants it seconds of CPU in that time); the
+    # bug held the process ~300 s.
     main = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main and not t.daemon:
+            t.join(timeout=120)
     print("HOLDING", [t.name for t in threading.enumerate() if t is not main and not t.daemon])
 """
 

@@ -43,6 +43,16 @@ TIMEOUT_ENV = "SHARPJAX_TEST_TIMEOUT"
 STALL_S = 600.0
 POLL_S = 2.0
 STDERR_TAIL = 4000
+# XLA:CPU spends most of a test's time compiling (a Lanczos measure on a 1.5k-parameter MLP:
+# 11 CPU s to compile, 0.1 s to run); together these bring that to 2.4 s (LLVM's optimisation
+# off, and the older elemental emitter instead of the fusion emitters, which is slower alone
+# but fastest with the former). The suite sets them for its own process too (conftest.py):
+# tests compare against equations and float64 references with tolerances derived from the
+# arithmetic, which code generation does not enter.
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false"
+)
 
 
 def cpu_device_flags(count: int, *, fast_compile: bool = True) -> str:
@@ -52,9 +62,7 @@ def cpu_device_flags(count: int, *, fast_compile: bool = True) -> str:
     dominates them, and they compare numbers between programs compiled alike.
     """
     flags = f"--xla_force_host_platform_device_count={count}"
-    if fast_compile:
-        flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    return flags
+    return f"{flags} {FAST_COMPILE_FLAGS}" if fast_compile else flags
 
 
 def subprocess_env(cpu_devices: int | None = None, *, fast_compile: bool = False) -> dict:
